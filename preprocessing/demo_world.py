@@ -1,0 +1,220 @@
+"""A world of fictional people for the offline demo: passages about them and questions on their facts.
+
+Every name is built from random syllables, so no pretrained model can know a fact; a reader can only answer by
+copying from a retrieved passage. Values are drawn from pools of 150+ invented names, so guessing is hopeless.
+Everything is drawn from one `random.Random(seed)`, so the same seed gives the same world.
+"""
+
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+RELATIONS = ("birthplace", "occupation", "founded", "birth_year", "dish")
+POOL_SIZE = 200  # values per relation; >= 150 so that a closed-book guess is right well under 1% of the time
+FORMAT_WORDS = "question: answer: title: context: <extra_id_0>"
+
+# Passage sentences: {s}/{s_low} are a subject (full name, first name or pronoun), {p}/{p_low} its possessive.
+SENTENCES = {
+    "birthplace": ["{s} was born in {v}.", "{s} is a native of the town of {v}.", "{p} birthplace is {v}."],
+    "occupation": ["{s} works as {a} {v}.", "{s} earns a living as {a} {v}.", "By trade, {s_low} is {a} {v}."],
+    "founded": ["{s} founded the {v}.", "{s} is the founder of the {v}.", "Later, {s_low} established the {v}."],
+    "birth_year": ["{s} was born in the year {v}.", "{p} year of birth is {v}.", "{s} came into the world in {v}."],
+    "dish": ["{p} favourite dish is {v}.", "{s} likes {v} more than any other dish.", "{s} is especially fond of {v}."],
+}
+QUESTIONS = {
+    "birthplace": ["Where was {n} born?", "In which town was {n} born?", "What is the birthplace of {n}?"],
+    "occupation": ["What does {n} work as?", "What is the occupation of {n}?", "What is {n}'s profession?"],
+    "founded": ["Which organisation did {n} found?", "What did {n} found?", "{n} is the founder of which organisation?"],
+    "birth_year": ["In what year was {n} born?", "When was {n} born?", "What is {n}'s year of birth?"],
+    "dish": ["What is {n}'s favourite dish?", "Which dish does {n} like best?", "What food does {n} enjoy most?"],
+}
+FILLERS = [
+    "{s} is remembered as a patient and curious person.",
+    "{s} travelled widely in {p_low} youth.",
+    "Little is known about {p_low} early years.",
+    "{s} kept a diary for most of {p_low} life.",
+]
+OCCUPATION_SUFFIXES = ["wright", "smith", "monger", "binder", "keeper", "weaver", "carver", "tender", "grinder"]
+ORGANISATION_KINDS = ["Guild", "Society", "Company", "Institute", "League", "Collective", "Order", "Academy", "Circle"]
+DISHES = ["stew", "pie", "bread", "soup", "cake", "dumplings", "porridge", "tart", "broth", "pudding"]
+TOWN_SUFFIXES = ["", "", "", "holm", "wick", "mere", "stad", "ford"]
+
+
+@dataclass
+class Person:
+    """One fictional person: name parts, pronouns and a value for every relation."""
+
+    first: str
+    last: str
+    pronoun: str  # "she" or "he"
+    facts: dict[str, str]
+
+    @property
+    def name(self) -> str:
+        return f"{self.first} {self.last}"
+
+
+@dataclass
+class World:
+    """Passages and qa examples; `vocabulary_text` is extra text that teaches a tokenizer the invented names."""
+
+    passages: list[dict] = field(default_factory=list)
+    train: list[dict] = field(default_factory=list)
+    dev: list[dict] = field(default_factory=list)
+    vocabulary_text: list[str] = field(default_factory=list)
+
+
+class NameMaker:
+    """Invents unique words from a small syllable inventory, so a tokenizer can learn the syllables as pieces."""
+
+    def __init__(self, rng: random.Random, n_syllables: int = 80) -> None:
+        self.rng = rng
+        onsets = ["b", "br", "d", "dr", "f", "g", "gr", "k", "kr", "l", "m", "n", "p", "r", "s", "t", "th", "v", "z"]
+        vowels = ["a", "e", "i", "o", "u", "ai", "ou"]
+        codas = ["", "", "n", "r", "l", "s", "k"]
+        inventory = sorted({o + v + c for o in onsets for v in vowels for c in codas})
+        self.syllables = rng.sample(inventory, n_syllables)
+        self.used: set[str] = set()
+
+    def word(self, min_syllables: int = 2, max_syllables: int = 3) -> str:
+        """A new lowercase word never returned before by this maker."""
+        while True:
+            n = self.rng.randint(min_syllables, max_syllables)
+            candidate = "".join(self.rng.choice(self.syllables) for _ in range(n))
+            if candidate not in self.used:
+                self.used.add(candidate)
+                return candidate
+
+    def pool(self, size: int, make: Callable[[str], str], syllables: tuple[int, int] = (2, 2)) -> list[str]:
+        """`size` distinct values, each `make(word)` of a fresh word; short words keep answers short in tokens."""
+        values: dict[str, None] = {}  # ordered set: a suffix could make two fresh words equal
+        while len(values) < size:
+            values[make(self.word(*syllables))] = None
+        return list(values)
+
+
+def build_pools(names: NameMaker, rng: random.Random, n_entities: int) -> dict[str, list[str]]:
+    """Value pools per relation (plus helper pools); organisations are unique per founder, hence >= n_entities."""
+    return {
+        "birthplace": names.pool(POOL_SIZE, lambda w: w.capitalize() + rng.choice(TOWN_SUFFIXES)),
+        "occupation": names.pool(POOL_SIZE, lambda w: w + rng.choice(OCCUPATION_SUFFIXES), (1, 2)),
+        "founded": names.pool(max(POOL_SIZE, n_entities), lambda w: f"{w.capitalize()} {rng.choice(ORGANISATION_KINDS)}", (2, 3)),
+        "birth_year": [str(year) for year in range(1650, 1650 + max(POOL_SIZE, 300))],
+        "dish": names.pool(POOL_SIZE, lambda w: f"{w} {rng.choice(DISHES)}"),
+        "region": names.pool(40, str.capitalize),
+        "river": names.pool(40, str.capitalize),
+    }
+
+
+def build_people(names: NameMaker, rng: random.Random, pools: dict[str, list[str]], n: int) -> list[Person]:
+    """`n` people with unique full names; surnames are shared within families so names alone do not separate them."""
+    firsts = [names.word(2, 2).capitalize() for _ in range(max(20, n // 3))]
+    lasts = [names.word(2, 3).capitalize() for _ in range(max(20, n // 3))]
+    organisations = rng.sample(pools["founded"], n)
+    people, seen = [], set()
+    while len(people) < n:
+        first, last = rng.choice(firsts), rng.choice(lasts)
+        if (first, last) in seen:
+            continue
+        seen.add((first, last))
+        facts = {r: rng.choice(pools[r]) for r in RELATIONS if r != "founded"}
+        facts["founded"] = organisations[len(people)]
+        people.append(Person(first, last, rng.choice(["she", "he"]), facts))
+    return people
+
+
+def references(person: Person, rng: random.Random, first_sentence: bool) -> dict[str, str]:
+    """Ways to refer to the person in one sentence: the full name first, then first name or pronoun."""
+    if first_sentence:
+        subject = person.name
+    else:
+        subject = rng.choice([person.name, person.first, person.pronoun])
+    possessive_pronoun = "her" if person.pronoun == "she" else "his"
+    is_pronoun = subject == person.pronoun
+    possessive = possessive_pronoun if is_pronoun else f"{subject}'s"
+    return {
+        "s": subject.capitalize() if is_pronoun else subject,
+        "s_low": subject,
+        "p": possessive.capitalize() if is_pronoun else possessive,
+        "p_low": possessive_pronoun,
+    }
+
+
+def biography_text(person: Person, rng: random.Random) -> str:
+    """The facts of one person in varied sentences, in random order, with an optional fact-free filler."""
+    relations = list(RELATIONS)
+    rng.shuffle(relations)
+    sentences = []
+    for i, relation in enumerate(relations):
+        value = person.facts[relation]
+        article = "an" if value[0] in "aeiou" else "a"
+        template = rng.choice(SENTENCES[relation])
+        sentences.append(template.format(v=value, a=article, **references(person, rng, i == 0)))
+    if rng.random() < 0.5:
+        filler = rng.choice(FILLERS).format(**references(person, rng, False))
+        sentences.insert(rng.randint(1, len(sentences)), filler)
+    return " ".join(sentences)
+
+
+def distractor_passages(people: list[Person], pools: dict[str, list[str]], rng: random.Random) -> list[dict]:
+    """Passages about towns (naming residents) and organisations (with years): they share names with the questions."""
+    passages = []
+    towns = sorted({p.facts["birthplace"] for p in people})
+    for town in rng.sample(towns, min(len(towns), max(1, len(people) // 3))):
+        residents = rng.sample(people, min(2, len(people)))
+        text = (
+            f"{town} is a town in the {rng.choice(pools['region'])} valley, on the river {rng.choice(pools['river'])}. "
+            f"Notable residents include {' and '.join(r.name for r in residents)}. "
+            f"The town is known for its {rng.choice(pools['dish'])}."
+        )
+        passages.append({"title": town, "section": rng.choice(["", "Geography"]), "text": text})
+    for person in rng.sample(people, max(1, len(people) // 4)):
+        organisation = person.facts["founded"]
+        text = (
+            f"The {organisation} is based in {rng.choice(pools['birthplace'])}. "
+            f"It was established in {rng.choice(pools['birth_year'])} and has about {rng.randint(12, 900)} members. "
+            f"Its members meet every {rng.choice(['spring', 'summer', 'autumn', 'winter'])}."
+        )
+        passages.append({"title": organisation, "section": rng.choice(["", "History"]), "text": text})
+    return passages
+
+
+def questions_for(person: Person, passage_id: str, rng: random.Random, per_fact: float) -> list[dict]:
+    """One question per fact, and a second with another template with probability `per_fact - 1`."""
+    examples = []
+    for relation in RELATIONS:
+        n_questions = 1 + (rng.random() < per_fact - 1)
+        for template in rng.sample(QUESTIONS[relation], n_questions):
+            examples.append(
+                {"question": template.format(n=person.name), "answers": [person.facts[relation]], "gold_ids": [passage_id]}
+            )
+    return examples
+
+
+def build_world(seed: int, n_entities: int = 400, dev_fraction: float = 0.1, train_per_fact: float = 1.5) -> World:
+    """The whole demo world. Dev questions are about people that no train question mentions."""
+    rng = random.Random(seed)
+    names = NameMaker(rng)
+    pools = build_pools(names, rng, n_entities)
+    people = build_people(names, rng, pools, n_entities)
+    biographies = [
+        {"title": p.name, "section": rng.choice(["Biography", ""]), "text": biography_text(p, rng)} for p in people
+    ]
+    passages = biographies + distractor_passages(people, pools, rng)
+    order = list(range(len(passages)))
+    rng.shuffle(order)  # ids must not reveal which passages are biographies
+    for new_id, index in enumerate(order):
+        passages[index] = {"id": f"demo-{new_id}", **passages[index]}
+    n_dev = max(1, round(n_entities * dev_fraction))
+    world = World(passages=sorted(passages, key=lambda p: int(p["id"].split("-")[1])))
+    for i, person in enumerate(people):
+        split = world.dev if i < n_dev else world.train  # people are already in random order
+        split.extend(questions_for(person, passages[i]["id"], rng, 1.0 if i < n_dev else train_per_fact))
+    rng.shuffle(world.train)
+    for split_name, examples in (("train", world.train), ("dev", world.dev)):
+        for j, example in enumerate(examples):
+            example["id"] = f"{split_name}-{j}"
+            example["gold_ids"] = example.pop("gold_ids")  # key order as in the qa task format
+    # Names and values once each, so the tokenizer sees every invented word even if it is rare in passages.
+    world.vocabulary_text = [p.name for p in people] + [v for r in RELATIONS for v in pools[r]] + [FORMAT_WORDS]
+    return world

@@ -1,0 +1,1 @@
+"""Atlas: retrieval-augmented few-shot learning (Contriever retriever + Fusion-in-Decoder T5 reader)."""

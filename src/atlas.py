@@ -1,0 +1,182 @@
+"""Atlas: retrieve passages for a batch of queries, read them with FiD, and return losses or generations."""
+
+import logging
+from dataclasses import dataclass, fields
+
+import torch
+from torch import nn
+from transformers import PreTrainedTokenizerBase, T5ForConditionalGeneration
+
+from src import reader as fid
+from src.gold_scores import eval_mode, retriever_loss
+from src.passages import passage_title
+from src.retriever import Retriever
+from src.tasks import Example
+
+logger = logging.getLogger(__name__)
+
+EMPTY_PASSAGE = {"id": "", "title": "", "text": ""}
+
+
+@dataclass(frozen=True)
+class AtlasConfig:
+    """What the model needs from the options (field names are the flags')."""
+
+    n_context: int = 1
+    retriever_n_context: int = 5
+    text_maxlength: int = 200
+    target_maxlength: int | None = None
+    encoder_format: str = "{query} title: {title} context: {text}"
+    retriever_format: str = "{title} {text}"
+    train_retriever: bool = False
+    gold_score_mode: str = "ppmean"
+    temperature_gold: float = 0.01
+    temperature_score: float = 0.01
+    kl_reduction: str = "mean"
+    generation_max_length: int = 128
+    generation_min_length: int | None = None
+    generation_num_beams: int = 1
+    generation_length_penalty: float = 1.0
+
+    @classmethod
+    def from_options(cls, opt) -> "AtlasConfig":
+        return cls(**{f.name: getattr(opt, f.name) for f in fields(cls) if hasattr(opt, f.name)})
+
+
+@dataclass
+class Batch:
+    """Tensors of one batch of examples with their K passages."""
+
+    reader_ids: torch.Tensor  # (B, K, L)
+    reader_mask: torch.Tensor  # (B, K, L)
+    labels: torch.Tensor  # (B, T)
+
+
+def format_passage(template: str, passage: dict, query: str = "") -> str:
+    """Render a passage with `--encoder_format` / `--retriever_format`; the title becomes "title: section"."""
+    return template.format(query=query, title=passage_title(passage), text=passage.get("text", ""))
+
+
+class Atlas(nn.Module):
+    """A T5 reader (`reader.*`, stock HF names) and a Contriever retriever (`retriever.*`).
+
+    `reader` is None in retrieve-only mode; `retriever` is None for closed-book or file-passage runs.
+    """
+
+    def __init__(
+        self,
+        reader: T5ForConditionalGeneration | None,
+        retriever: Retriever | None,
+        reader_tokenizer: PreTrainedTokenizerBase | None,
+        retriever_tokenizer: PreTrainedTokenizerBase | None,
+        config: AtlasConfig,
+    ) -> None:
+        super().__init__()
+        self.reader, self.retriever = reader, retriever
+        self.reader_tokenizer, self.retriever_tokenizer = reader_tokenizer, retriever_tokenizer
+        self.config = config
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @property
+    def retriever_maxlength(self) -> int:
+        return min(self.config.text_maxlength, self.retriever_tokenizer.model_max_length, 512)
+
+    def _retriever_tokens(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        enc = self.retriever_tokenizer(
+            texts, max_length=self.retriever_maxlength, truncation=True, padding="longest", return_tensors="pt"
+        )
+        return enc.input_ids.to(self.device), enc.attention_mask.to(self.device)  # (n, L)
+
+    @torch.no_grad()
+    def embed_queries(self, queries: list[str]) -> torch.Tensor:
+        """Query embeddings for search, in eval mode: (B, D). B may be 0 (a rank with no query still searches)."""
+        if not queries:
+            return torch.zeros(0, self.retriever.dim, device=self.device)
+        with eval_mode(self.retriever):
+            return self.retriever.embed_queries(*self._retriever_tokens(queries))
+
+    def retrieve(self, index, queries: list[str], k: int) -> tuple[list[list[dict]], torch.Tensor]:
+        """Top-k passages and scores (B, k) for each query. Collective: every rank calls it equally often."""
+        scores, rows = index.search(self.embed_queries(queries), k)  # (B, k), (B, k)
+        return index.passages(rows), scores
+
+    def _passage_lists(self, examples: list[Example], passages: list[list[dict]], k: int) -> list[list[dict]]:
+        """Exactly k passages per example: truncate, or pad with empty passages when fewer are available."""
+        return [(list(ps) + [EMPTY_PASSAGE] * k)[:k] for ps in passages]
+
+    def batch(self, examples: list[Example], passages: list[list[dict]], with_targets: bool = True) -> Batch:
+        """Tokenise queries with their first n_context passages for the reader, and the targets."""
+        k = self.config.n_context
+        texts = [
+            [format_passage(self.config.encoder_format, p, ex.query) for p in ps]
+            for ex, ps in zip(examples, self._passage_lists(examples, passages, k))
+        ]
+        ids, mask = fid.tokenize_passages(self.reader_tokenizer, texts, self.config.text_maxlength)
+        labels = (
+            fid.tokenize_targets(self.reader_tokenizer, [ex.target for ex in examples], self.config.target_maxlength)
+            if with_targets
+            else torch.zeros(len(examples), 0, dtype=torch.long)
+        )
+        return Batch(ids.to(self.device), mask.to(self.device), labels.to(self.device))
+
+    def forward(self, examples: list[Example], passages: list[list[dict]]) -> dict[str, torch.Tensor]:
+        """Training losses: `reader_loss`, and `retriever_loss` when the retriever trains (then `loss` sums both)."""
+        batch = self.batch(examples, passages)
+        reader_loss = fid.forward(self.reader, batch.reader_ids, batch.reader_mask, batch.labels).loss
+        losses = {"reader_loss": reader_loss, "loss": reader_loss}
+        if self.config.train_retriever and self.retriever is not None:
+            retriever_loss = self.retriever_loss(examples, passages, batch.labels)
+            losses.update(retriever_loss=retriever_loss, loss=reader_loss + retriever_loss)
+        return losses
+
+    def retriever_loss(self, examples: list[Example], passages: list[list[dict]], labels: torch.Tensor) -> torch.Tensor:
+        """Distil the reader's gold scores over all retriever_n_context passages into the retriever's scores."""
+        k = self.config.retriever_n_context
+        passage_lists = self._passage_lists(examples, passages, k)
+        query_emb = self.retriever.embed_queries(*self._retriever_tokens([ex.query for ex in examples]))  # (B, D)
+        retriever_texts = [format_passage(self.config.retriever_format, p) for ps in passage_lists for p in ps]
+        passage_emb = self.retriever.embed_passages(*self._retriever_tokens(retriever_texts))  # (B*K, D)
+        passage_emb = passage_emb.view(len(examples), k, -1)  # (B, K, D)
+        retriever_scores = torch.einsum("bd,bkd->bk", query_emb, passage_emb)  # (B, K)
+        reader_texts = [
+            [format_passage(self.config.encoder_format, p, ex.query) for p in ps]
+            for ex, ps in zip(examples, passage_lists)
+        ]
+        ids, mask = fid.tokenize_passages(self.reader_tokenizer, reader_texts, self.config.text_maxlength)
+        loss, _gold = retriever_loss(
+            self.config.gold_score_mode,
+            self.reader,
+            (ids.to(self.device), mask.to(self.device), labels),
+            retriever_scores,
+            self.retriever.dim,
+            self.config.temperature_score,
+            self.config.temperature_gold,
+            self.config.kl_reduction,
+        )
+        return loss
+
+    @torch.no_grad()
+    def eval_loss(self, examples: list[Example], passages: list[list[dict]]) -> torch.Tensor:
+        """Reader loss on the batch in eval mode (the `eval_loss` metric)."""
+        batch = self.batch(examples, passages)
+        with eval_mode(self.reader):
+            return fid.forward(self.reader, batch.reader_ids, batch.reader_mask, batch.labels).loss
+
+    @torch.no_grad()
+    def generate(self, examples: list[Example], passages: list[list[dict]]) -> list[str]:
+        """Decoded generations, one per example (special tokens such as <extra_id_0> stripped)."""
+        batch = self.batch(examples, passages, with_targets=False)
+        with eval_mode(self.reader):
+            tokens = fid.generate(
+                self.reader,
+                batch.reader_ids,
+                batch.reader_mask,
+                max_length=self.config.generation_max_length,
+                min_length=self.config.generation_min_length,
+                num_beams=self.config.generation_num_beams,
+                length_penalty=self.config.generation_length_penalty,
+            )
+        return [text.strip() for text in self.reader_tokenizer.batch_decode(tokens, skip_special_tokens=True)]

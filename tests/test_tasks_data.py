@@ -1,0 +1,81 @@
+"""Tasks, metrics and jsonl reading: what users see when their files are right and when they are not."""
+
+import argparse
+import json
+import random
+
+import pytest
+
+from src.data import eval_batches, load_instances, read_jsonl, training_batches
+from src.errors import UserError
+from src.metrics import answer_in_text, exact_match, f1, normalize_answer
+from src.tasks import build_task
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join((row if isinstance(row, str) else json.dumps(row)) + "\n" for row in rows))
+    return str(path)
+
+
+def test_squad_normalisation_and_scores():
+    assert normalize_answer("The  Eiffel-Tower!") == "eiffeltower"
+    assert exact_match("the Eiffel Tower", ["Eiffel Tower", "Paris"]) == 1.0
+    assert exact_match("Tower", ["Eiffel Tower"]) == 0.0
+    assert f1("Eiffel", ["Eiffel Tower"]) == pytest.approx(2 * 1.0 * 0.5 / 1.5)
+    assert f1("nothing", ["Eiffel Tower"]) == 0.0
+    assert answer_in_text(["Eiffel Tower"], "Paris has the Eiffel tower, built 1889.")
+    assert not answer_in_text(["Eiffel"], "Eiffelberg is a town")
+
+
+def test_qa_task_formats_query_and_target():
+    task = build_task("qa")
+    ex = task.process({"question": "who?", "answers": ["Ann", "Bo"], "id": 3}, "f:1", random.Random(0))
+    assert ex.query == "question: who? answer: <extra_id_0>"
+    assert ex.target in ("<extra_id_0> Ann", "<extra_id_0> Bo")
+    assert ex.answers == ["Ann", "Bo"] and ex.metadata["id"] == 3
+    ex = task.process({"question": "who?", "answers": ["Ann"], "target": "Annie"}, "f:1", random.Random(0))
+    assert ex.target == "<extra_id_0> Annie"
+    assert task.evaluate("ann", ["Ann"]) == {"exact_match": 1.0, "f1": 1.0}
+
+
+def test_qa_prompt_format_flag():
+    task = build_task("qa", argparse.Namespace(qa_prompt_format="{question}", lr=1.0))
+    assert task.process({"question": "Q _X_", "answers": ["a"]}, "f:1", random.Random(0)).query == "Q _X_"
+
+
+def test_base_task():
+    task = build_task("base")
+    ex = task.process({"query": "in", "target": "out"}, "f:1", random.Random(0))
+    assert (ex.query, ex.target, ex.answers) == ("in", "out", ["out"])
+    assert task.evaluate("out", ex.answers) == {"accuracy": 1.0}
+
+
+def test_unknown_task_lists_the_tasks():
+    with pytest.raises(UserError, match="base, qa"):
+        build_task("nope")
+
+
+def test_missing_field_names_task_field_and_line(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"question": "q", "answers": ["a"]}, {"answers": ["a"]}])
+    with pytest.raises(UserError, match=r"d\.jsonl:2: task 'qa' needs the field 'question'"):
+        load_instances([path], build_task("qa"))
+
+
+def test_malformed_line_names_file_and_line(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"question": "q", "answers": ["a"]}, "", '{"question": "q",'])
+    with pytest.raises(UserError, match=r"d\.jsonl:3: not valid JSON"):
+        list(read_jsonl(path))
+    with pytest.raises(UserError, match="no such file"):
+        list(read_jsonl(str(tmp_path / "missing.jsonl")))
+
+
+def test_instances_are_sharded_round_robin_and_batched(tmp_path):
+    rows = [{"question": f"q{i}", "answers": [f"a{i}"]} for i in range(7)]
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    task = build_task("qa")
+    shards = [load_instances([path], task, rank, 3) for rank in range(3)]
+    assert sorted(inst.obj["question"] for shard in shards for inst in shard) == sorted(r["question"] for r in rows)
+    assert [len(s) for s in shards] == [3, 2, 2]
+    assert [len(b) for b in eval_batches(shards[0], task, 2)] == [2, 1]
+    batches = training_batches(shards[1], task, 3, shuffle=True, rng=random.Random(0))
+    assert all(len(next(batches)) == 3 for _ in range(4))  # a shard smaller than the batch still yields batches

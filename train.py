@@ -1,0 +1,24 @@
+"""Train Atlas: `python train.py --task qa --train_data ... --passages ...` (or under torchrun / srun)."""
+
+import random
+
+from src.data import load_instances, training_batches
+from src.evaluation import build_evaluate_fn
+from src.run import main_guard, refresh_index, setup
+from src.training import Trainer
+
+
+def main(argv: list[str] | None = None) -> None:
+    run = setup(argv, "train")
+    opt, world = run.opt, run.world
+    instances = load_instances(opt.train_data, run.task, world.rank, world.world_size)
+    batches = training_batches(instances, run.task, opt.per_gpu_batch_size, opt.shuffle, random.Random(opt.seed))
+    evaluate_fn = build_evaluate_fn(run.task, opt, world) if opt.eval_data else None
+    trainer = Trainer(run.loaded.model, run.index, opt, world, evaluate_fn)
+    trainer.load_state(run.loaded.state)
+    trainer.train(batches, run.loaded.step, lambda model, index: refresh_index(model, index, opt))
+    print(f"training done: {opt.total_steps} steps, checkpoints in {opt.checkpoint_dir}/{opt.name}/checkpoint")
+
+
+if __name__ == "__main__":
+    main_guard(main)
