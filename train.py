@@ -14,7 +14,7 @@ def main(argv: list[str] | None = None) -> None:
     instances = load_instances(opt.train_data, run.task, world.rank, world.world_size)
     batches = training_batches(instances, run.task, opt.per_gpu_batch_size, opt.shuffle, random.Random(opt.seed))
     evaluate_fn = build_evaluate_fn(run.task, opt, world) if opt.eval_data else None
-    trainer = Trainer(run.loaded.model, run.index, opt, world, evaluate_fn)
+    trainer = Trainer(run.loaded.model, run.index, run.task, opt, world, evaluate_fn)
     trainer.load_state(run.loaded.state)
     trainer.train(batches, run.loaded.step, lambda model, index: refresh_index(model, index, opt))
     print(f"training done: {opt.total_steps} steps, checkpoints in {opt.checkpoint_dir}/{opt.name}/checkpoint")

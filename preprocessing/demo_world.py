@@ -67,14 +67,11 @@ class World:
 class NameMaker:
     """Invents unique words from a small syllable inventory, so a tokenizer can learn the syllables as pieces."""
 
-    def __init__(self, rng: random.Random, n_syllables: int = 80) -> None:
+    def __init__(self, rng: random.Random, syllables: list[str], used: set[str]) -> None:
         self.rng = rng
-        onsets = ["b", "br", "d", "dr", "f", "g", "gr", "k", "kr", "l", "m", "n", "p", "r", "s", "t", "th", "v", "z"]
-        vowels = ["a", "e", "i", "o", "u", "ai", "ou"]
-        codas = ["", "", "n", "r", "l", "s", "k"]
-        inventory = sorted({o + v + c for o in onsets for v in vowels for c in codas})
-        self.syllables = rng.sample(inventory, n_syllables)
-        self.used: set[str] = set()
+        self.syllables = syllables
+        self.used = used  # shared between makers: two inventories can still spell the same word
+
 
     def word(self, min_syllables: int = 2, max_syllables: int = 3) -> str:
         """A new lowercase word never returned before by this maker."""
@@ -93,6 +90,16 @@ class NameMaker:
         return list(values)
 
 
+def build_name_makers(rng: random.Random, n_syllables: int = 120) -> tuple[NameMaker, NameMaker]:
+    """Makers for people's names and for values, from disjoint syllables: a query's name then shares few
+    subwords with the values in other people's passages, which would otherwise blur retrieval."""
+    onsets = ["b", "br", "d", "dr", "f", "g", "gr", "k", "kr", "l", "m", "n", "p", "r", "s", "t", "th", "v", "z"]
+    vowels = ["a", "e", "i", "o", "u", "ai", "ou"]
+    codas = ["", "", "n", "r", "l", "s", "k"]
+    inventory = sorted({o + v + c for o in onsets for v in vowels for c in codas})
+    chosen, used = rng.sample(inventory, 2 * n_syllables), set()
+    return NameMaker(rng, chosen[:n_syllables], used), NameMaker(rng, chosen[n_syllables:], used)
+
 def build_pools(names: NameMaker, rng: random.Random, n_entities: int) -> dict[str, list[str]]:
     """Value pools per relation (plus helper pools); organisations are unique per founder, hence >= n_entities."""
     return {
@@ -108,8 +115,8 @@ def build_pools(names: NameMaker, rng: random.Random, n_entities: int) -> dict[s
 
 def build_people(names: NameMaker, rng: random.Random, pools: dict[str, list[str]], n: int) -> list[Person]:
     """`n` people with unique full names; surnames are shared within families so names alone do not separate them."""
-    firsts = [names.word(2, 2).capitalize() for _ in range(max(20, n // 3))]
-    lasts = [names.word(2, 3).capitalize() for _ in range(max(20, n // 3))]
+    firsts = [names.word(2, 3).capitalize() for _ in range(max(20, n))]
+    lasts = [names.word(3, 3).capitalize() for _ in range(max(20, n))]
     organisations = rng.sample(pools["founded"], n)
     people, seen = [], set()
     while len(people) < n:
@@ -128,7 +135,7 @@ def references(person: Person, rng: random.Random, first_sentence: bool) -> dict
     if first_sentence:
         subject = person.name
     else:
-        subject = rng.choice([person.name, person.first, person.pronoun])
+        subject = rng.choice([person.name, person.name, person.first, person.pronoun])
     possessive_pronoun = "her" if person.pronoun == "she" else "his"
     is_pronoun = subject == person.pronoun
     possessive = possessive_pronoun if is_pronoun else f"{subject}'s"
@@ -194,9 +201,9 @@ def questions_for(person: Person, passage_id: str, rng: random.Random, per_fact:
 def build_world(seed: int, n_entities: int = 400, dev_fraction: float = 0.1, train_per_fact: float = 1.5) -> World:
     """The whole demo world. Dev questions are about people that no train question mentions."""
     rng = random.Random(seed)
-    names = NameMaker(rng)
-    pools = build_pools(names, rng, n_entities)
-    people = build_people(names, rng, pools, n_entities)
+    people_names, value_names = build_name_makers(rng)
+    pools = build_pools(value_names, rng, n_entities)
+    people = build_people(people_names, rng, pools, n_entities)
     biographies = [
         {"title": p.name, "section": rng.choice(["Biography", ""]), "text": biography_text(p, rng)} for p in people
     ]

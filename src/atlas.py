@@ -33,6 +33,9 @@ class AtlasConfig:
     temperature_gold: float = 0.01
     temperature_score: float = 0.01
     kl_reduction: str = "mean"
+    filtering_overretrieve_ratio: int = 2
+    retrieve_with_rerank: bool = False
+    n_to_rerank_with_retrieve_with_rerank: int = 128
     generation_max_length: int = 128
     generation_min_length: int | None = None
     generation_num_beams: int = 1
@@ -55,6 +58,25 @@ class Batch:
 def format_passage(template: str, passage: dict, query: str = "") -> str:
     """Render a passage with `--encoder_format` / `--retriever_format`; the title becomes "title: section"."""
     return template.format(query=query, title=passage_title(passage), text=passage.get("text", ""))
+
+
+def filter_own_passage(
+    examples: list[Example], passages: list[list[dict]], scores: torch.Tensor, k: int
+) -> tuple[list[list[dict]], torch.Tensor]:
+    """Move passages whose `id` equals the instance's `metadata["id"]` behind the others (dropped when k others exist).
+
+    When fewer than k others remain, the filtered ones refill the list at the end, with a warning, as the original.
+    """
+    kept_passages, kept_scores = [], []
+    for ex, ps, sc in zip(examples, passages, scores.tolist()):
+        own = str(ex.metadata.get("id", "\0no id"))
+        order = [i for i, p in enumerate(ps) if str(p.get("id")) != own]
+        if len(order) < min(k, len(ps)):
+            logger.warning("filtering: fewer than %d other passages for instance %s; refilling", k, own)
+        order += [i for i, p in enumerate(ps) if str(p.get("id")) == own]
+        kept_passages.append([ps[i] for i in order])
+        kept_scores.append([sc[i] for i in order])
+    return kept_passages, torch.tensor(kept_scores, dtype=scores.dtype).reshape(scores.shape)
 
 
 class Atlas(nn.Module):
@@ -98,10 +120,46 @@ class Atlas(nn.Module):
         with eval_mode(self.retriever):
             return self.retriever.embed_queries(*self._retriever_tokens(queries))
 
-    def retrieve(self, index, queries: list[str], k: int) -> tuple[list[list[dict]], torch.Tensor]:
-        """Top-k passages and scores (B, k) for each query. Collective: every rank calls it equally often."""
-        scores, rows = index.search(self.embed_queries(queries), k)  # (B, k), (B, k)
-        return index.passages(rows), scores
+    def retrieve(
+        self, index, examples: list[Example], k: int, filter_by_id: bool = False
+    ) -> tuple[list[list[dict]], torch.Tensor]:
+        """Top-k passages and their scores (B, k) for each example's query.
+
+        Collective: every rank calls it equally often, with an empty list when it has no example left. With
+        `filter_by_id` (tasks whose data is the corpus itself), over-retrieve and drop the instance's own passage.
+        With --retrieve_with_rerank, retrieve n_to_rerank and keep the k best under the current passage encoder.
+        """
+        query_emb = self.embed_queries([ex.query for ex in examples])  # (B, D)
+        n = k * self.config.filtering_overretrieve_ratio if filter_by_id else k
+        if self.config.retrieve_with_rerank:
+            n = max(n, self.config.n_to_rerank_with_retrieve_with_rerank)
+        scores, rows = index.search(query_emb, n)  # (B, n), (B, n)
+        passages = index.passages(rows)
+        if self.config.retrieve_with_rerank and examples:
+            scores = self.rescore(query_emb, passages)  # (B, n) with fresh passage embeddings
+            order = scores.argsort(dim=1, descending=True, stable=True)  # (B, n)
+            scores = scores.gather(1, order)
+            passages = [[ps[j] for j in row] for ps, row in zip(passages, order.tolist())]
+        if filter_by_id:
+            passages, scores = filter_own_passage(examples, passages, scores, k)
+        return [ps[:k] for ps in passages], scores[:, :k]
+
+    def passages_for(
+        self, index, examples: list[Example], k: int, filter_by_id: bool = False
+    ) -> tuple[list[list[dict]], torch.Tensor | None]:
+        """The instances' own passages when there is no index (closed book, --use_file_passages), else retrieve."""
+        if index is None:
+            return [ex.passages or [] for ex in examples], None
+        return self.retrieve(index, examples, k, filter_by_id)
+
+    @torch.no_grad()
+    def rescore(self, query_emb: torch.Tensor, passages: list[list[dict]]) -> torch.Tensor:
+        """q.d with the passages re-embedded by the current passage encoder (eval mode): (B, n)."""
+        B, n = len(passages), len(passages[0])
+        texts = [format_passage(self.config.retriever_format, p) for ps in passages for p in ps]
+        with eval_mode(self.retriever):
+            passage_emb = self.retriever.embed_passages(*self._retriever_tokens(texts)).view(B, n, -1)  # (B, n, D)
+        return torch.einsum("bd,bnd->bn", query_emb, passage_emb).float()  # (B, n)
 
     def _passage_lists(self, examples: list[Example], passages: list[list[dict]], k: int) -> list[list[dict]]:
         """Exactly k passages per example: truncate, or pad with empty passages when fewer are available."""

@@ -28,14 +28,6 @@ def padded_batches(batches: list[list[Example]]) -> list[list[Example]]:
     return batches + [[] for _ in range(n_batches - len(batches))]
 
 
-def passages_for(model: Atlas, index, opt: argparse.Namespace, examples: list[Example]):
-    """(passage lists, scores or None) for the batch; retrieval is collective, so empty batches still search."""
-    if opt.closed_book or opt.use_file_passages:
-        return [ex.passages or [] for ex in examples], None
-    k = max(opt.n_context, opt.retriever_n_context) if not opt.retrieve_only else opt.n_context
-    return model.retrieve(index, [ex.query for ex in examples], k)
-
-
 def reduce_means(sums: dict[str, float], counts: dict[str, float]) -> dict[str, float]:
     """Average per-example sums over all ranks (one all-reduce)."""
     names = sorted(sums)
@@ -51,7 +43,7 @@ def evaluate_file(model: Atlas, index, task: Task, opt: argparse.Namespace, path
     counts = dict.fromkeys(task.metrics, 0.0)
     rows: list[dict] = []
     for examples in padded_batches(eval_batches(instances, task, opt.per_gpu_batch_size)):
-        passages, _ = passages_for(model, index, opt, examples)
+        passages, _ = model.passages_for(index, examples, opt.n_context, task.filter_by_id)
         if not examples:
             continue
         if "eval_loss" in task.metrics:
@@ -73,7 +65,7 @@ def evaluate_retrieval(model: Atlas, index, task: Task, opt: argparse.Namespace,
     sums, counts = dict.fromkeys(names, 0.0), dict.fromkeys(names, 0.0)  # the same names on every rank
     rows: list[dict] = []
     for examples in padded_batches(eval_batches(instances, task, opt.per_gpu_batch_size)):
-        passages, scores = passages_for(model, index, opt, examples)
+        passages, scores = model.passages_for(index, examples, opt.n_context, task.filter_by_id)
         for ex, ps, sc in zip(examples, passages, scores.tolist() if scores is not None else []):
             hits = [answer_in_text(ex.answers, p.get("text", "")) for p in ps]
             gold = set(ex.metadata.get("gold_ids") or [])

@@ -62,6 +62,8 @@ def _read_jsonl_records(paths: Sequence[str]) -> Iterator[Record]:
 def _parse_lines(handle: Iterable[bytes], path: str) -> Iterator[Record]:
     for line_no, line in enumerate(handle, start=1):
         line = line.strip()
+        if line_no == 1:
+            line = line.removeprefix(b"\xef\xbb\xbf").strip()  # a UTF-8 byte-order mark some editors write
         if not line:
             continue
         try:
@@ -271,17 +273,17 @@ class _RowLog:
 
     def flush(self) -> None:
         for name, buffer in self.buffers.items():
-            self.handles[name].write(np.asarray(buffer, dtype=np.int64).tobytes())
-            buffer.clear()
+            if buffer:
+                self.handles[name].write(np.asarray(buffer, dtype=np.int64).tobytes())
+                buffer.clear()
 
     def read(self, name: str) -> np.ndarray:
+        """The whole column as a read-only memory map (flushes first)."""
         self.flush()
-        self.handles[name].close()
-        return (
-            np.memmap(self.paths[name], dtype=np.int64, mode="r")
-            if os.path.getsize(self.paths[name])
-            else np.zeros(0, np.int64)
-        )
+        self.handles[name].flush()
+        if os.path.getsize(self.paths[name]) == 0:
+            return np.zeros(0, np.int64)
+        return np.memmap(self.paths[name], dtype=np.int64, mode="r")
 
     def close(self) -> None:
         for handle in self.handles.values():

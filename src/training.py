@@ -17,7 +17,7 @@ from src.atlas import Atlas
 from src.checkpoint import run_dir, save_checkpoint
 from src.logs import MetricWriter
 from src.options import parse_refresh_schedule, refresh_due
-from src.tasks import Example
+from src.tasks import Example, Task
 
 logger = logging.getLogger(__name__)
 
@@ -92,8 +92,10 @@ def autocast(precision: str, device: torch.device):
 class Trainer:
     """Holds what a training step needs; `train` runs the loop with evaluation, index refresh and saving."""
 
-    def __init__(self, model: Atlas, index, opt: argparse.Namespace, world: dist.World, evaluate_fn=None) -> None:
-        self.model, self.index, self.opt, self.world = model, index, opt, world
+    def __init__(
+        self, model: Atlas, index, task: Task, opt: argparse.Namespace, world: dist.World, evaluate_fn=None
+    ) -> None:
+        self.model, self.index, self.task, self.opt, self.world = model, index, task, opt, world
         self.optimizers, self.schedulers = build_optimizers(model, opt)
         self.scaler = torch.amp.GradScaler(world.device.type, enabled=opt.precision == "fp16")
         self.evaluate_fn = evaluate_fn
@@ -113,14 +115,6 @@ class Trainer:
             if name in self.schedulers and state.get(key):
                 self.schedulers[name].load_state_dict(state[key])
 
-    def passages_for(self, examples: list[Example]) -> list[list[dict]]:
-        """Passages of the batch: from the file, empty (closed book), or retrieved (collective)."""
-        if self.opt.closed_book or self.opt.use_file_passages:
-            return [ex.passages or [] for ex in examples]
-        k = max(self.opt.n_context, self.opt.retriever_n_context)
-        passages, _ = self.model.retrieve(self.index, [ex.query for ex in examples], k)
-        return passages
-
     def retriever_frozen(self, step: int) -> bool:
         return step <= self.opt.freeze_retriever_steps
 
@@ -131,7 +125,8 @@ class Trainer:
         totals: dict[str, float] = {}
         for _ in range(opt.accumulation_steps):
             examples = next(batches)
-            passages = self.passages_for(examples)
+            # options guarantee retriever_n_context >= n_context: the reader reads the first n_context
+            passages, _ = model.passages_for(self.index, examples, opt.retriever_n_context, self.task.filter_by_id)
             with autocast(opt.precision, self.world.device):
                 losses = model(examples, passages)
             self.scaler.scale(losses["loss"] / opt.accumulation_steps).backward()

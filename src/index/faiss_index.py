@@ -111,15 +111,3 @@ def search(index: Any, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndar
     scores, ids = index.search(np.ascontiguousarray(queries, dtype=np.float32), k)  # (B, k), (B, k)
     scores[ids < 0] = -np.inf
     return scores, ids
-
-
-def write_index(index: Any, path: str) -> None:
-    import_faiss().write_index(index, path)
-
-
-def read_index(path: str) -> Any:
-    faiss = import_faiss()
-    index = faiss.read_index(path)
-    if hasattr(faiss, "downcast_index"):
-        index = faiss.downcast_index(index)
-    return index

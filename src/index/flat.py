@@ -58,14 +58,16 @@ def _chunk_topk(chunk_scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch
 
 
 def exact_topk(
-    embeddings: torch.Tensor, queries: torch.Tensor, k: int, row_offset: int, chunk_rows: int = CHUNK_ROWS
+    embeddings: torch.Tensor, queries: torch.Tensor, k: int, row_offset: int, chunk_rows: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Top ``k`` rows of ``embeddings`` (N, d) for each query (B, d) by inner product.
 
     Returns float32 scores (B, k) and int64 global rows (B, k) (local row + ``row_offset``), sorted by (score desc,
     row asc). When N < k the tail is padded with score -inf and row PAD_ROW. The product is computed in chunks of
-    ``chunk_rows`` rows as ``E_chunk @ q.T`` (the fastest layout measured on CPU), in the embeddings' dtype.
+    ``chunk_rows`` rows (default CHUNK_ROWS) as ``E_chunk @ q.T`` (the fastest layout measured on CPU), in the
+    embeddings' dtype.
     """
+    chunk_rows = chunk_rows or CHUNK_ROWS
     n_queries, n_rows = queries.shape[0], embeddings.shape[0]
     device = embeddings.device
     queries = queries.to(device=device, dtype=embeddings.dtype)

@@ -84,7 +84,7 @@ def link_or_copy_store(store: PassageStore, directory: str) -> None:
 
 
 def _data_crc(array: np.ndarray) -> int:
-    return zlib.crc32(memoryview(np.ascontiguousarray(array)).cast("B"))
+    return zlib.crc32(np.ascontiguousarray(array).reshape(-1).view(np.uint8))  # bytes of the data, any dtype
 
 
 def write_npy(array: np.ndarray, path: str) -> dict[str, Any]:

@@ -1,0 +1,101 @@
+"""train.py and evaluate.py run end to end on a tiny offline demo world, as a user would call them."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(args: list[str], cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("demo") / "world"
+    result = run(["preprocessing/prepare_demo.py", "--output_directory", str(out), "--n_entities", "40",
+                  "--retriever", "scratch"])  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+def common(demo: Path, ckpt: Path) -> list[str]:
+    return [
+        "--task", "qa", "--reader_model_type", str(demo / "models/reader"),
+        "--retriever_model_path", str(demo / "models/retriever"), "--passages", str(demo / "data/passages.jsonl"),
+        "--checkpoint_dir", str(ckpt), "--text_maxlength", "64", "--target_maxlength", "16",
+        "--generation_max_length", "8", "--n_context", "2", "--retriever_n_context", "3",
+        "--per_gpu_embedder_batch_size", "16",
+    ]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def trained(demo, tmp_path_factory) -> Path:
+    ckpt = tmp_path_factory.mktemp("runs")
+    args = common(demo, ckpt) + [
+        "--name", "tiny", "--train_data", str(demo / "data/train.jsonl"), "--eval_data", str(demo / "data/dev.jsonl"),
+        "--train_retriever", "--total_steps", "3", "--eval_freq", "3", "--log_freq", "1", "--warmup_steps", "1",
+        "--per_gpu_batch_size", "2", "--save_optimizer",
+    ]  # fmt: skip
+    result = run(["train.py", *args])
+    assert result.returncode == 0, result.stderr[-3000:]
+    return ckpt
+
+
+def test_train_writes_log_events_and_checkpoint(trained):
+    run_dir = trained / "tiny"
+    assert (run_dir / "run.log").read_text().count("step 3/3") >= 1
+    assert list(run_dir.glob("events.out.tfevents*"))
+    ckpt = torch.load(run_dir / "checkpoint/latest/model.pth.tar", weights_only=True)
+    assert ckpt["step"] == 3 and isinstance(ckpt["opt"], dict) and ckpt["optimizer"] is not None
+    assert any(k.startswith("reader.encoder.") for k in ckpt["model"])
+    assert any(k.startswith("retriever.contriever.") for k in ckpt["model"])
+
+
+def test_evaluate_writes_results(demo, trained):
+    args = common(demo, trained) + [
+        "--name", "tiny-eval", "--model_path", str(trained / "tiny/checkpoint/latest"),
+        "--eval_data", str(demo / "data/dev.jsonl"), "--write_results", "--per_gpu_batch_size", "3",
+    ]  # fmt: skip
+    result = run(["evaluate.py", *args])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "dev/exact_match:" in result.stdout
+    rows = [json.loads(line) for line in (trained / "tiny-eval/dev-step-0.jsonl").read_text().splitlines()]
+    n_dev = len((demo / "data/dev.jsonl").read_text().splitlines())
+    assert len(rows) == n_dev
+    assert {"query", "answers", "generation", "passages", "metadata"} <= set(rows[0])
+    assert len(rows[0]["passages"]) == 2
+
+
+def test_retrieve_only_reports_recall_and_writes_scores(demo, trained):
+    args = common(demo, trained) + [
+        "--name", "tiny-retrieve", "--eval_data", str(demo / "data/dev.jsonl"), "--retrieve_only",
+        "--write_results", "--n_context", "5", "--retriever_n_context", "5",
+    ]  # fmt: skip
+    result = run(["evaluate.py", *args])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "dev/recall@5:" in result.stdout and "dev/gold_recall@1:" in result.stdout
+    row = json.loads((trained / "tiny-retrieve/dev-step-0.jsonl").read_text().splitlines()[0])
+    assert "generation" not in row and len(row["passages"]) == 5
+    scores = [p["score"] for p in row["passages"]]
+    assert scores == sorted(scores, reverse=True) and all("id" in p for p in row["passages"])
+
+
+def test_user_mistakes_end_in_one_line(demo, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "q", "answers": ["a"]}\n{"question": \n')
+    args = common(demo, tmp_path) + ["--name", "bad", "--eval_data", str(bad)]
+    result = run(["evaluate.py", *args])
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == f"error: {bad}:2: not valid JSON (Expecting value at character 14)"
+    assert "Traceback" not in result.stderr
+    bad.write_text('{"answers": ["a"]}\n')
+    result = run(["evaluate.py", *args])
+    assert result.returncode == 2 and "task 'qa' needs the field 'question'" in result.stderr
+    result = run(["evaluate.py", *common(demo, tmp_path), "--task", "nope"])
+    assert result.returncode == 2 and "invalid choice" in result.stderr
