@@ -102,6 +102,7 @@ def build_model(opt: argparse.Namespace, device: torch.device) -> Loaded:
         retriever_tok = contriever.load_tokenizer(opt.retriever_model_path)
         encoder = contriever.load_encoder(opt.retriever_model_path, opt.uncentered_layernorm)
         retriever = contriever.Retriever(encoder, query_side=query_side)
+    enable_gradient_checkpointing(reader, retriever, opt)
     model = Atlas(reader, retriever, reader_tok, retriever_tok, AtlasConfig.from_options(opt))
     if ckpt:
         load_weights(model, adapt_retriever_keys(state, query_side), opt)
@@ -110,6 +111,16 @@ def build_model(opt: argparse.Namespace, device: torch.device) -> Loaded:
         logger.info("resuming %s from step %d", run_dir(opt), ckpt["step"])
         return Loaded(model, int(ckpt["step"]), ckpt)
     return Loaded(model)
+
+
+def enable_gradient_checkpointing(reader, retriever, opt: argparse.Namespace) -> None:
+    """Switch gradient checkpointing on once, at build time (the original toggled it around every forward)."""
+    kwargs = {"gradient_checkpointing_kwargs": {"use_reentrant": False}}
+    if reader is not None and opt.use_gradient_checkpoint_reader:
+        reader.gradient_checkpointing_enable(**kwargs)
+    if retriever is not None and opt.use_gradient_checkpoint_retriever:
+        for encoder in {id(m): m for m in (retriever.query_encoder, retriever.passage_encoder)}.values():
+            encoder.gradient_checkpointing_enable(**kwargs)
 
 
 def load_weights(model: Atlas, state: dict, opt: argparse.Namespace) -> None:

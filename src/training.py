@@ -10,6 +10,7 @@ from collections.abc import Iterator
 
 import numpy as np
 import torch
+from torch.distributed.optim import ZeroRedundancyOptimizer
 from torch.optim.lr_scheduler import LambdaLR
 
 from src import distributed as dist
@@ -59,9 +60,11 @@ def build_optimizers(model: Atlas, opt: argparse.Namespace) -> tuple[dict, dict]
     optimizers, schedulers = {}, {}
     for name, (module, lr) in groups.items():
         params = [p for p in module.parameters() if p.requires_grad]
-        optimizers[name] = torch.optim.AdamW(
-            params, lr=lr, betas=(0.9, opt.beta2), eps=opt.epsilon, weight_decay=opt.weight_decay
-        )
+        kwargs = dict(lr=lr, betas=(0.9, opt.beta2), eps=opt.epsilon, weight_decay=opt.weight_decay)
+        if opt.shard_optim and dist.is_distributed():  # each rank keeps 1/W of the Adam state
+            optimizers[name] = ZeroRedundancyOptimizer(params, optimizer_class=torch.optim.AdamW, **kwargs)
+        else:
+            optimizers[name] = torch.optim.AdamW(params, **kwargs)
         total = opt.scheduler_steps or opt.total_steps
         schedulers[name] = LambdaLR(optimizers[name], lr_lambda(opt.scheduler, opt.warmup_steps, total))
     return optimizers, schedulers
@@ -167,10 +170,19 @@ class Trainer:
                 sums, tic = {}, time.perf_counter()
             if self.evaluate_fn is not None and (step % opt.eval_freq == 0 or step == opt.total_steps):
                 self.writer.scalars(self.evaluate_fn(self.model, self.index, step), step)
-            if self.world.is_main and (step % opt.save_freq == 0 or step == opt.total_steps):
-                save_checkpoint(opt, step, self.model, self.optimizers, self.schedulers, opt.save_optimizer)
+            if step % opt.save_freq == 0 or step == opt.total_steps:
+                self.save(step)
             dist.barrier()
         self.writer.close()
+
+    def save(self, step: int) -> None:
+        """Checkpoint on the main rank; sharded optimizer states are first gathered there (collective)."""
+        if self.opt.save_optimizer:
+            for optimizer in self.optimizers.values():
+                if isinstance(optimizer, ZeroRedundancyOptimizer):
+                    optimizer.consolidate_state_dict(to=0)
+        if self.world.is_main:
+            save_checkpoint(self.opt, step, self.model, self.optimizers, self.schedulers, self.opt.save_optimizer)
 
     def log(self, step: int, sums: dict[str, float], n_steps: int, seconds: float) -> None:
         means = {f"loss/{name}": value / n_steps for name, value in sums.items()}

@@ -1,27 +1,12 @@
 """train.py and evaluate.py run end to end on a tiny offline demo world, as a user would call them."""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def run(args: list[str], cwd: Path = ROOT) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=600)
-
-
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("demo") / "world"
-    result = run(["preprocessing/prepare_demo.py", "--output_directory", str(out), "--n_entities", "40",
-                  "--retriever", "scratch"])  # fmt: skip
-    assert result.returncode == 0, result.stderr
-    return out
+from tests.conftest import run_script as run
 
 
 def common(demo: Path, ckpt: Path) -> list[str]:

@@ -1,0 +1,24 @@
+"""Shared fixtures: a tiny offline demo world (data + small reader/retriever models) built once per session."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_script(args: list[str], cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    """Run `python ARGS...` from the repo root, as a user would."""
+    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=900)
+
+
+@pytest.fixture(scope="session")
+def demo(tmp_path_factory) -> Path:
+    """A small demo world with a scratch BERT retriever (no pretrained weights needed)."""
+    out = tmp_path_factory.mktemp("demo") / "world"
+    result = run_script(["preprocessing/prepare_demo.py", "--output_directory", str(out), "--n_entities", "40",
+                         "--retriever", "scratch"])  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    return out
