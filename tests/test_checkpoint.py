@@ -11,10 +11,26 @@ from src.training import build_optimizers
 def options(demo, tmp_path, *extra: str):
     return parse_options(
         [
-            "--task", "qa", "--reader_model_type", str(demo / "models/reader"),
-            "--retriever_model_path", str(demo / "models/retriever"), "--passages", str(demo / "data/passages.jsonl"),
-            "--checkpoint_dir", str(tmp_path), "--name", "ckpt", "--train_retriever", "--n_context", "2",
-            "--retriever_n_context", "2", "--generation_max_length", "6", *extra,
+            "--task",
+            "qa",
+            "--reader_model_type",
+            str(demo / "models/reader"),
+            "--retriever_model_path",
+            str(demo / "models/retriever"),
+            "--passages",
+            str(demo / "data/passages.jsonl"),
+            "--checkpoint_dir",
+            str(tmp_path),
+            "--name",
+            "ckpt",
+            "--train_retriever",
+            "--n_context",
+            "2",
+            "--retriever_n_context",
+            "2",
+            "--generation_max_length",
+            "6",
+            *extra,
         ],  # fmt: skip
         "train",
     )

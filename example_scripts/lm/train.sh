@@ -1,0 +1,98 @@
+#!/bin/bash
+#SBATCH --cpus-per-task=10
+#SBATCH --nodes=8
+#SBATCH --ntasks-per-node=8
+#SBATCH --gres=gpu:8
+#SBATCH --time=72:00:00
+#SBATCH --job-name=lm
+#SBATCH --output=run_dir/%A.out
+#SBATCH --error=run_dir/%A.err
+#SBATCH --signal=USR1@140
+#SBATCH --open-mode=append
+#SBATCH --mem=480GB
+# Site-specific in the original (FAIR cluster); enable with your cluster's values:
+##SBATCH --partition=learnlab
+##SBATCH --constraint=volta32gb
+
+# Prefix language modelling on Wikipedia 2018 from T5 + Contriever (--model_path none): the text is split into a
+# conditioning prefix (25-75% of the words) and a continuation to generate.
+# The script first downloads the corpus and shuffles it into train/valid/test files (skipped when they exist).
+# Note how the training data is the data to train on AND the corpus to retrieve from: the task filters out the
+# passage being trained on (same id) from the retrieved ones.
+# Run:  bash example_scripts/lm/train.sh                            (torchrun, NGPU=8 processes here)
+#       mkdir -p run_dir && sbatch example_scripts/lm/train.sh
+set -euo pipefail
+
+# ---- launcher --------------------------------------------------------------------------------------------------
+# Under sbatch: `srun python` starts one task per GPU as the #SBATCH header asks (the code reads SLURM_* itself).
+# Otherwise: torchrun on this machine with NGPU processes (default 8). Multi-node torchrun: start this script on
+# every node with the same NNODES, RDZV_ENDPOINT (first node's host:port) and JOB_ID, e.g.
+#   NNODES=4 NGPU=8 RDZV_ENDPOINT=node001:29400 JOB_ID=run1 bash example_scripts/lm/train.sh
+# which runs `torchrun --nnodes=4 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=node001:29400 ...`.
+# LAUNCHER=torchrun uses torchrun inside a SLURM allocation too. Relative paths are relative to the repository root.
+ROOT=$(cd "$(dirname "$0")/../.." && pwd)
+[[ -f "$ROOT/train.py" ]] || ROOT=${SLURM_SUBMIT_DIR:-$PWD}  # sbatch runs a copy of the script from a spool dir
+cd "${ATLAS_ROOT:-$ROOT}"
+JOB_ID=${SLURM_ARRAY_JOB_ID:-${SLURM_JOB_ID:-${JOB_ID:-$(date +%Y%m%d-%H%M%S)}}}
+if [[ -n "${SLURM_JOB_ID:-}" && "${LAUNCHER:-srun}" == "srun" ]]; then
+    LAUNCH=(srun python)
+elif [[ "${NNODES:-1}" -gt 1 ]]; then
+    LAUNCH=(torchrun --nnodes="$NNODES" --nproc_per_node="${NGPU:-8}" --rdzv_backend=c10d
+        --rdzv_endpoint="${RDZV_ENDPOINT:?set RDZV_ENDPOINT=host:port of the first node}" --rdzv_id="$JOB_ID")
+else
+    LAUNCH=(torchrun --standalone --nproc_per_node="${NGPU:-8}")
+fi
+port=$(shuf -i 15000-16000 -n 1)  # --main_port: the rendezvous port under SLURM (torchrun brings its own)
+# ----------------------------------------------------------------------------------------------------------------
+
+size=${SIZE:-xl}
+DATA_DIR=${DATA_DIR:-./atlas_data}
+
+# Prepare train/dev/test data from the corpus, once (with multi-node torchrun, run it on one node first):
+TEXTS="${DATA_DIR}/corpora/wiki/enwiki-dec2018/text-list-100-sec.jsonl"
+INFOBOXES="${DATA_DIR}/corpora/wiki/enwiki-dec2018/infobox.jsonl"
+if [[ ! -f "${TEXTS}.shuf.train" || ! -f "${INFOBOXES}.shuf.train" ]]; then
+    python preprocessing/download_corpus.py --corpus corpora/wiki/enwiki-dec2018 --output_directory ${DATA_DIR}
+    for FILE in "${TEXTS}" "${INFOBOXES}"; do
+        shuf "${FILE}" > "${FILE}.shuf"
+        head -n 2000 "${FILE}.shuf" | head -n 1000 > "${FILE}.shuf.test"
+        head -n 2000 "${FILE}.shuf" | tail -n 1000 > "${FILE}.shuf.valid"
+        tail -n +2001 "${FILE}.shuf" > "${FILE}.shuf.train"  # the original's +2000 put line 2000 in valid and train
+    done
+fi
+
+TRAIN_FILES="${TEXTS}.shuf.train ${INFOBOXES}.shuf.train"
+EVAL_FILES="${TEXTS}.shuf.valid ${INFOBOXES}.shuf.valid ${TEXTS}.shuf.test ${INFOBOXES}.shuf.test"
+SAVE_DIR=${DATA_DIR}/experiments/
+EXPERIMENT_NAME=${JOB_ID}-${size}-wiki-lm
+PRECISION="fp32" # "bf16"
+
+"${LAUNCH[@]}" train.py \
+    --retrieve_with_rerank --n_to_rerank_with_retrieve_with_rerank 100 \
+    --train_retriever --gold_score_mode "pdist" \
+    --use_gradient_checkpoint_reader --use_gradient_checkpoint_retriever \
+    --shard_grads --shard_optim \
+    --precision ${PRECISION} \
+    --temperature_gold 0.01 --temperature_score 0.01 \
+    --refresh_index 1000 \
+    --reader_model_type google/t5-${size}-lm-adapt \
+    --passages ${TRAIN_FILES} \
+    --target_maxlength 64 \
+    --dropout 0.1 \
+    --lr 1e-4 --lr_retriever 1e-5 \
+    --scheduler linear \
+    --weight_decay 0.01 \
+    --text_maxlength 384 \
+    --model_path none \
+    --train_data ${TRAIN_FILES} --eval_data ${EVAL_FILES} \
+    --per_gpu_batch_size 2 \
+    --n_context 20 --retriever_n_context 20 \
+    --name ${EXPERIMENT_NAME} \
+    --checkpoint_dir ${SAVE_DIR} \
+    --save_freq 5000 --eval_freq 1000 --log_freq 100 \
+    --total_steps 10000 \
+    --warmup_steps 1000 \
+    --main_port $port \
+    --min_words_per_lm_instance 10 \
+    --task "lm" \
+    --min_lm_context_ratio 0.25 --max_lm_context_ratio 0.75

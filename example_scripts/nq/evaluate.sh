@@ -1,0 +1,83 @@
+#!/bin/bash
+#SBATCH --cpus-per-task=10
+#SBATCH --nodes=4
+#SBATCH --ntasks-per-node=8
+#SBATCH --gres=gpu:8
+#SBATCH --time=1:00:00
+#SBATCH --job-name=nq
+#SBATCH --output=run_dir/%A.out
+#SBATCH --error=run_dir/%A.err
+#SBATCH --signal=USR1@140
+#SBATCH --open-mode=append
+#SBATCH --mem=470GB
+# Site-specific in the original (FAIR cluster); enable with your cluster's values:
+##SBATCH --partition=learnlab
+##SBATCH --constraint=volta32gb
+
+# Evaluate the released NQ-finetuned Atlas-xl (FINETUNED=TRUE, default) or pretrained Atlas-xl (FINETUNED=FALSE) on
+# NQ dev and test with its pre-built wiki-dec2018 index.
+# Prepare once (DATA_DIR defaults to ./atlas_data):
+#   python preprocessing/prepare_qa.py --output_directory ${DATA_DIR}/data
+#   python preprocessing/download_model.py --model models/atlas_nq/xl --output_directory ${DATA_DIR}
+#   python preprocessing/download_index.py --index indices/atlas_nq/wiki/xl --output_directory ${DATA_DIR} --convert
+# Run:  bash example_scripts/nq/evaluate.sh                          (torchrun, NGPU=8 processes here)
+#       mkdir -p run_dir && sbatch example_scripts/nq/evaluate.sh
+set -euo pipefail
+
+# ---- launcher --------------------------------------------------------------------------------------------------
+# Under sbatch: `srun python` starts one task per GPU as the #SBATCH header asks (the code reads SLURM_* itself).
+# Otherwise: torchrun on this machine with NGPU processes (default 8). Multi-node torchrun: start this script on
+# every node with the same NNODES, RDZV_ENDPOINT (first node's host:port) and JOB_ID, e.g.
+#   NNODES=4 NGPU=8 RDZV_ENDPOINT=node001:29400 JOB_ID=run1 bash example_scripts/nq/evaluate.sh
+# which runs `torchrun --nnodes=4 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=node001:29400 ...`.
+# LAUNCHER=torchrun uses torchrun inside a SLURM allocation too. Relative paths are relative to the repository root.
+ROOT=$(cd "$(dirname "$0")/../.." && pwd)
+[[ -f "$ROOT/train.py" ]] || ROOT=${SLURM_SUBMIT_DIR:-$PWD}  # sbatch runs a copy of the script from a spool dir
+cd "${ATLAS_ROOT:-$ROOT}"
+JOB_ID=${SLURM_ARRAY_JOB_ID:-${SLURM_JOB_ID:-${JOB_ID:-$(date +%Y%m%d-%H%M%S)}}}
+if [[ -n "${SLURM_JOB_ID:-}" && "${LAUNCHER:-srun}" == "srun" ]]; then
+    LAUNCH=(srun python)
+elif [[ "${NNODES:-1}" -gt 1 ]]; then
+    LAUNCH=(torchrun --nnodes="$NNODES" --nproc_per_node="${NGPU:-8}" --rdzv_backend=c10d
+        --rdzv_endpoint="${RDZV_ENDPOINT:?set RDZV_ENDPOINT=host:port of the first node}" --rdzv_id="$JOB_ID")
+else
+    LAUNCH=(torchrun --standalone --nproc_per_node="${NGPU:-8}")
+fi
+port=$(shuf -i 15000-16000 -n 1)  # --main_port: the rendezvous port under SLURM (torchrun brings its own)
+# ----------------------------------------------------------------------------------------------------------------
+
+size=${SIZE:-xl}
+DATA_DIR=${DATA_DIR:-./atlas_data}
+
+EVAL_FILES="${DATA_DIR}/data/nq_data/dev.jsonl ${DATA_DIR}/data/nq_data/test.jsonl"
+FINETUNED=${FINETUNED:-"TRUE"}
+if [[ "${FINETUNED}" == "TRUE" ]]; then
+    PRETRAINED_MODEL=${DATA_DIR}/models/atlas_nq/${size}
+    PRETRAINED_INDEX=${DATA_DIR}/indices/atlas_nq/wiki/${size}-converted  # made by download_index.py --convert
+else
+    PRETRAINED_MODEL=${DATA_DIR}/models/atlas/${size}
+    PRETRAINED_INDEX=${DATA_DIR}/indices/atlas/wiki/${size}-converted
+fi
+SAVE_DIR=${DATA_DIR}/experiments/
+EXPERIMENT_NAME=${JOB_ID}-${size}-nq-eval
+PRECISION="fp32" # "bf16"
+
+# The original passed --target_maxlength twice (32, then 16); argparse kept the last, so 16 it is.
+"${LAUNCH[@]}" evaluate.py \
+    --name ${EXPERIMENT_NAME} \
+    --generation_max_length 32 \
+    --gold_score_mode "ppmean" \
+    --precision ${PRECISION} \
+    --reader_model_type google/t5-${size}-lm-adapt \
+    --text_maxlength 512 \
+    --target_maxlength 16 \
+    --model_path ${PRETRAINED_MODEL} \
+    --load_index_path ${PRETRAINED_INDEX} \
+    --eval_data ${EVAL_FILES} \
+    --per_gpu_batch_size 1 \
+    --n_context 40 --retriever_n_context 40 \
+    --checkpoint_dir ${SAVE_DIR} \
+    --main_port $port \
+    --index_mode "flat" \
+    --task "qa" \
+    --write_results

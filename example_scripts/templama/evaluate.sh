@@ -1,0 +1,77 @@
+#!/bin/bash
+#SBATCH --cpus-per-task=10
+#SBATCH --nodes=8
+#SBATCH --ntasks-per-node=8
+#SBATCH --gres=gpu:8
+#SBATCH --time=8:00:00
+#SBATCH --job-name=templama
+#SBATCH --output=run_dir/%A.out
+#SBATCH --error=run_dir/%A.err
+#SBATCH --signal=USR1@140
+#SBATCH --open-mode=append
+# Site-specific in the original (FAIR cluster); enable with your cluster's values:
+##SBATCH --partition=learnlab
+##SBATCH --constraint=volta32gb
+
+# TempLAMA evaluation of a model finetuned by example_scripts/templama/train.sh, retrieving from the Wikipedia dump
+# of Dec YEAR: e.g. train on 2017 and evaluate with the 2020 index and questions to test temporal transfer.
+# Run:  bash example_scripts/templama/evaluate.sh YEAR MODEL_TO_EVAL     (torchrun, NGPU=8 processes here)
+#       mkdir -p run_dir && sbatch example_scripts/templama/evaluate.sh YEAR MODEL_TO_EVAL
+# where MODEL_TO_EVAL is a checkpoint directory, e.g. ${DATA_DIR}/experiments/<name>/checkpoint/latest
+set -euo pipefail
+
+# ---- launcher --------------------------------------------------------------------------------------------------
+# Under sbatch: `srun python` starts one task per GPU as the #SBATCH header asks (the code reads SLURM_* itself).
+# Otherwise: torchrun on this machine with NGPU processes (default 8). Multi-node torchrun: start this script on
+# every node with the same NNODES, RDZV_ENDPOINT (first node's host:port) and JOB_ID, e.g.
+#   NNODES=4 NGPU=8 RDZV_ENDPOINT=node001:29400 JOB_ID=run1 bash example_scripts/templama/evaluate.sh
+# which runs `torchrun --nnodes=4 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=node001:29400 ...`.
+# LAUNCHER=torchrun uses torchrun inside a SLURM allocation too. Relative paths are relative to the repository root.
+ROOT=$(cd "$(dirname "$0")/../.." && pwd)
+[[ -f "$ROOT/train.py" ]] || ROOT=${SLURM_SUBMIT_DIR:-$PWD}  # sbatch runs a copy of the script from a spool dir
+cd "${ATLAS_ROOT:-$ROOT}"
+JOB_ID=${SLURM_ARRAY_JOB_ID:-${SLURM_JOB_ID:-${JOB_ID:-$(date +%Y%m%d-%H%M%S)}}}
+if [[ -n "${SLURM_JOB_ID:-}" && "${LAUNCHER:-srun}" == "srun" ]]; then
+    LAUNCH=(srun python)
+elif [[ "${NNODES:-1}" -gt 1 ]]; then
+    LAUNCH=(torchrun --nnodes="$NNODES" --nproc_per_node="${NGPU:-8}" --rdzv_backend=c10d
+        --rdzv_endpoint="${RDZV_ENDPOINT:?set RDZV_ENDPOINT=host:port of the first node}" --rdzv_id="$JOB_ID")
+else
+    LAUNCH=(torchrun --standalone --nproc_per_node="${NGPU:-8}")
+fi
+port=$(shuf -i 15000-16000 -n 1)  # --main_port: the rendezvous port under SLURM (torchrun brings its own)
+# ----------------------------------------------------------------------------------------------------------------
+
+size=${SIZE:-xl}
+DATA_DIR=${DATA_DIR:-./atlas_data}
+YEAR=${1:-"2017"}
+MODEL_TO_EVAL=${2:-${MODEL_TO_EVAL:-}}  # Model finetuned by example_scripts/templama/train.sh
+if [[ -z "${MODEL_TO_EVAL}" ]]; then
+    echo "usage: $0 YEAR MODEL_TO_EVAL (a checkpoint directory written by example_scripts/templama/train.sh)" >&2
+    exit 2
+fi
+
+EVAL_FILES="${DATA_DIR}/data/templama_data/temp_lama.valid.${YEAR}.jsonl ${DATA_DIR}/data/templama_data/temp_lama.test.${YEAR}.jsonl"
+PASSAGES="${DATA_DIR}/corpora/wiki/enwiki-dec${YEAR}/text-list-100-sec.jsonl ${DATA_DIR}/corpora/wiki/enwiki-dec${YEAR}/infobox.jsonl"
+SAVE_DIR=${DATA_DIR}/experiments/
+EXPERIMENT_NAME=${JOB_ID}-${size}-templama-${YEAR}
+PRECISION="fp32" # "bf16"
+
+"${LAUNCH[@]}" evaluate.py \
+    --name ${EXPERIMENT_NAME} \
+    --generation_max_length 32 --target_maxlength 32 \
+    --gold_score_mode "ppmean" \
+    --precision ${PRECISION} \
+    --reader_model_type google/t5-${size}-lm-adapt \
+    --text_maxlength 384 \
+    --model_path ${MODEL_TO_EVAL} \
+    --eval_data ${EVAL_FILES} \
+    --per_gpu_batch_size 1 \
+    --n_context 20 --retriever_n_context 20 \
+    --checkpoint_dir ${SAVE_DIR} \
+    --main_port $port \
+    --index_mode "flat" \
+    --task "qa" \
+    --passages ${PASSAGES} \
+    --write_results \
+    --qa_prompt_format "{question}"

@@ -1,0 +1,135 @@
+"""Retriever training: query-side updates, rerank, filtering by id, and index refresh, on the tiny demo world."""
+
+import random
+
+import pytest
+import torch
+
+from src.atlas import format_passage
+from src.checkpoint import build_model
+from src.data import load_instances, training_batches
+from src.distributed import World
+from src.options import parse_options
+from src.run import build_index, refresh_index
+from src.tasks import Example, build_task
+from src.training import Trainer
+
+CPU = World(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
+
+
+def options(demo, tmp_path, *extra: str):
+    return parse_options(
+        [
+            "--task",
+            "qa",
+            "--reader_model_type",
+            str(demo / "models/reader"),
+            "--retriever_model_path",
+            str(demo / "models/retriever"),
+            "--passages",
+            str(demo / "data/passages.jsonl"),
+            "--train_data",
+            str(demo / "data/train.jsonl"),
+            "--checkpoint_dir",
+            str(tmp_path),
+            "--name",
+            "rt",
+            "--train_retriever",
+            "--n_context",
+            "2",
+            "--retriever_n_context",
+            "3",
+            "--text_maxlength",
+            "64",
+            "--per_gpu_batch_size",
+            "2",
+            "--lr_retriever",
+            "1e-3",
+            "--warmup_steps",
+            "0",
+            "--total_steps",
+            "10",
+            "--per_gpu_embedder_batch_size",
+            "16",
+            *extra,
+        ],  # fmt: skip
+        "train",
+    )
+
+
+def fresh_passage_embeddings(model, store) -> torch.Tensor:
+    """Every passage embedded alone (no padding) with the current passage encoder: (N, D)."""
+    rows = []
+    with torch.no_grad():
+        model.retriever.eval()
+        for passage in store.get_many(range(len(store))):
+            ids, mask = model._retriever_tokens([format_passage(model.config.retriever_format, passage)])
+            rows.append(model.retriever.embed_passages(ids, mask)[0])
+    return torch.stack(rows)
+
+
+@pytest.fixture
+def setup(demo, tmp_path):
+    def make(*extra: str):
+        opt = options(demo, tmp_path, *extra)
+        model = build_model(opt, CPU.device).model
+        return opt, model, build_index(opt, model, CPU)
+
+    return make
+
+
+def test_query_side_training_moves_only_the_query_encoder(setup):
+    opt, model, index = setup("--query_side_retriever_training")
+    task = build_task("qa", opt)
+    before = {k: v.clone() for k, v in model.retriever.state_dict().items()}
+    batches = training_batches(load_instances(opt.train_data, task), task, 2, False, random.Random(0))
+    trainer = Trainer(model, index, task, opt, CPU)
+    for step in range(1, 4):
+        trainer.train_step(batches, step)
+    after = model.retriever.state_dict()
+    passage_keys = [k for k in before if k.startswith("passage_contriever.")]
+    query_keys = [k for k in before if k.startswith("query_contriever.")]
+    assert passage_keys and all(torch.equal(before[k], after[k]) for k in passage_keys)
+    assert any(not torch.equal(before[k], after[k]) for k in query_keys)
+
+
+def test_refresh_makes_the_index_match_fresh_embeddings(setup):
+    opt, model, index = setup()
+    with torch.no_grad():
+        for p in model.retriever.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    refresh_index(model, index, opt)
+    fresh = fresh_passage_embeddings(model, index.store)  # (N, D)
+    queries = model.embed_queries(["who founded the academy?", "where was he born?"])
+    scores, rows = index.search(queries, 5)
+    expected = (queries @ fresh.T).topk(5, dim=1)
+    torch.testing.assert_close(scores, expected.values, rtol=1e-4, atol=1e-4)
+    assert torch.equal(rows, expected.indices)
+
+
+def test_rerank_equals_brute_force_over_candidates_with_fresh_embeddings(setup):
+    opt, model, index = setup("--retrieve_with_rerank", "--n_to_rerank_with_retrieve_with_rerank", "6")
+    with torch.no_grad():  # the index is now stale
+        for p in model.retriever.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    stale_rows = index.search(model.embed_queries(["where was he born?"]), 6)[1][0].tolist()  # the candidates
+    example = Example("where was he born?", "x", ["x"])
+    passages, scores = model.retrieve(index, [example], 3)
+    fresh = fresh_passage_embeddings(model, index.store)[stale_rows]  # (6, D) candidates, fresh
+    candidate_scores = model.embed_queries([example.query])[0] @ fresh.T  # (6,)
+    best = candidate_scores.topk(3)
+    assert [p["id"] for p in passages[0]] == [index.store.get(stale_rows[i])["id"] for i in best.indices.tolist()]
+    torch.testing.assert_close(scores[0], best.values, rtol=1e-4, atol=1e-4)
+
+
+def test_filtering_drops_the_instances_own_passage(setup):
+    opt, model, index = setup()
+    query = "where was he born?"
+    unfiltered, _ = model.retrieve(index, [Example(query, "x", ["x"])], 3)
+    own = unfiltered[0][0]["id"]  # pretend the instance is the top passage itself (as mlm/lm/section data are)
+    example = Example(query, "x", ["x"], metadata={"id": own})
+    filtered, scores = model.retrieve(index, [example], 3, filter_by_id=True)
+    ids = [p["id"] for p in filtered[0]]
+    assert len(ids) == 3 and own not in ids
+    assert ids[:2] == [p["id"] for p in unfiltered[0][1:]]  # the others keep their order
+    assert scores.shape == (1, 3)
