@@ -191,6 +191,11 @@ def build_reader(lines: list[str], seeds: list[tuple[str, int]], directory: Path
     lm_head = torch.randn(vocab_size, config.d_model) * config.d_model**-0.5
     model.lm_head.weight = torch.nn.Parameter(lm_head)
     model.save_pretrained(directory)
+    # 5.x saves tie_word_embeddings=true plus its own scale_decoder_outputs=false, which 4.57 would read as a tied,
+    # rescaled T5. Write the T5 v1.1 hub layout instead: both versions load that as untied and unscaled.
+    saved = json.loads((directory / "config.json").read_text())
+    saved.pop("scale_decoder_outputs", None)
+    (directory / "config.json").write_text(json.dumps(saved | {"tie_word_embeddings": False}, indent=2) + "\n")
     return {"vocab_size": vocab_size, "parameters": sum(p.numel() for p in model.parameters())}
 
 
@@ -239,7 +244,7 @@ def build_scratch_retriever(vocabulary: list[str], directory: Path, seed: int) -
     (directory / "special_tokens_map.json").write_text(json.dumps(specials, indent=2) + "\n")
     torch.manual_seed(seed)
     config = BertConfig(vocab_size=len(vocabulary), pad_token_id=ids[BERT_SPECIALS["pad"]], **SCRATCH_RETRIEVER_SIZE)
-    BertModel(config, add_pooling_layer=False).save_pretrained(directory)
+    BertModel(config).save_pretrained(directory)  # with the pooler, as hub checkpoints, so loading reports nothing
 
 
 def minilm_path() -> Path | None:

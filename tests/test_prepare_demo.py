@@ -97,7 +97,8 @@ def test_reader_runs_a_fid_forward_pass(demo: Path) -> None:
     inputs = tokenizer(["question: Where? answer: <extra_id_0> context: x"] * (B * N), padding="max_length",
                        max_length=L, truncation=True, return_tensors="pt")  # fmt: skip
     hidden = model.encoder(**inputs).last_hidden_state.view(B, N * L, -1)  # (B, N*L, D)
-    labels = tokenizer(["<extra_id_0> a", "<extra_id_0> b"], return_tensors="pt").input_ids
+    labels = tokenizer(["<extra_id_0> a", "<extra_id_0> bc"], padding=True, return_tensors="pt").input_ids
+    labels[labels == tokenizer.pad_token_id] = -100
     mask = inputs["attention_mask"].view(B, N * L)
     loss = model(encoder_outputs=BaseModelOutput(last_hidden_state=hidden), attention_mask=mask, labels=labels).loss
     loss.backward()

@@ -529,7 +529,7 @@ def test_the_example_scripts_exist() -> None:
 def test_script_syntax_header_and_flags(script: Path, help_flags: HelpFlags) -> None:
     subprocess.run(["bash", "-n", str(script)], check=True)
     text = script.read_text()
-    assert text.startswith("#!/bin/bash\n#SBATCH ") and "srun python" in text and "torchrun" in text
+    assert text.startswith("#!/bin/bash\n#SBATCH ") and "example_scripts/launcher.sh" in text
     commands = entry_commands(text)
     assert len(commands) == 1
     entry, args = commands[0]
