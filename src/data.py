@@ -24,7 +24,8 @@ def read_jsonl(path: str) -> Iterator[tuple[int, dict]]:
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as err:
-                raise UserError(f"{path}:{line_number}: not valid JSON ({err.msg} at character {err.pos + 1})") from None
+                detail = f"{err.msg} at character {err.pos + 1}"
+                raise UserError(f"{path}:{line_number}: not valid JSON ({detail})") from None
             if not isinstance(obj, dict):
                 raise UserError(f"{path}:{line_number}: expected a JSON object, got {type(obj).__name__}")
             yield line_number, obj
