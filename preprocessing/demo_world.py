@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 RELATIONS = ("birthplace", "occupation", "founded", "birth_year", "dish")
 POOL_SIZE = 200  # values per relation; >= 150 so that a closed-book guess is right well under 1% of the time
 
-# Passage sentences: {s}/{s_low} are a subject (full name, first name or pronoun), {p}/{p_low} its possessive.
+# Passage sentences: {s}/{s_low} are a subject (full name, first name or pronoun), {p} its possessive.
 SENTENCES = {
     "birthplace": ["{s} was born in {v}.", "{s} is a native of the town of {v}.", "{p} birthplace is {v}."],
     "occupation": ["{s} works as {a} {v}.", "{s} earns a living as {a} {v}.", "By trade, {s_low} is {a} {v}."],
@@ -31,12 +31,6 @@ QUESTIONS = {
     "birth_year": ["In what year was {n} born?", "When was {n} born?", "What is {n}'s year of birth?"],
     "dish": ["What is {n}'s favourite dish?", "Which dish does {n} like best?", "What food does {n} enjoy most?"],
 }
-FILLERS = [
-    "{s} is remembered as a patient and curious person.",
-    "{s} travelled widely in {p_low} youth.",
-    "Little is known about {p_low} early years.",
-    "{s} kept a diary for most of {p_low} life.",
-]
 OCCUPATION_SUFFIXES = ["wright", "smith", "monger", "binder", "keeper", "weaver", "carver", "tender", "grinder"]
 ORGANISATION_KINDS = ["Guild", "Society", "Company", "Institute", "League", "Collective", "Order", "Academy", "Circle"]
 DISHES = ["stew", "pie", "bread", "soup", "cake", "dumplings", "porridge", "tart", "broth", "pudding"]
@@ -137,7 +131,7 @@ def build_pools(names: NameMaker, rng: random.Random, n_entities: int) -> dict[s
 
 
 def build_people(names: NameMaker, rng: random.Random, pools: dict[str, list[str]], n: int) -> list[Person]:
-    """`n` people with unique full names; surnames are shared within families so names alone do not separate them."""
+    """`n` people with unique full names; first and last names come from pools, so some people share one."""
     firsts = [names.word(2, 3).capitalize() for _ in range(max(20, n))]
     lasts = [names.word(3, 3).capitalize() for _ in range(max(20, n))]
     organisations = rng.sample(pools["founded"], n)
@@ -166,12 +160,11 @@ def references(person: Person, rng: random.Random, first_sentence: bool) -> dict
         "s": subject.capitalize() if is_pronoun else subject,
         "s_low": subject,
         "p": possessive.capitalize() if is_pronoun else possessive,
-        "p_low": possessive_pronoun,
     }
 
 
 def biography_text(person: Person, rng: random.Random) -> str:
-    """The facts of one person in varied sentences, in random order, with an optional fact-free filler."""
+    """The facts of one person in varied sentences, in random order; short enough for a 96-token reader input."""
     relations = list(RELATIONS)
     rng.shuffle(relations)
     sentences = []
@@ -180,9 +173,6 @@ def biography_text(person: Person, rng: random.Random) -> str:
         article = "an" if value[0] in "aeiou" else "a"
         template = rng.choice(SENTENCES[relation])
         sentences.append(template.format(v=value, a=article, **references(person, rng, i == 0)))
-    if rng.random() < 0.0:
-        filler = rng.choice(FILLERS).format(**references(person, rng, False))
-        sentences.insert(rng.randint(1, len(sentences)), filler)
     return " ".join(sentences)
 
 

@@ -8,7 +8,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase, T5ForConditionalGeneration
 
 from src import reader as fid
-from src.gold_scores import eval_mode, retriever_loss
+from src.gold_scores import eval_mode, evalnormsum_scores, retriever_loss
 from src.passages import passage_title
 from src.retriever import Retriever
 from src.tasks import Example
@@ -33,6 +33,7 @@ class AtlasConfig:
     temperature_gold: float = 0.01
     temperature_score: float = 0.01
     kl_reduction: str = "mean"
+    compute_crossattention_stats: bool = False
     filtering_overretrieve_ratio: int = 2
     retrieve_with_rerank: bool = False
     n_to_rerank_with_retrieve_with_rerank: int = 128
@@ -58,6 +59,14 @@ class Batch:
 def format_passage(template: str, passage: dict, query: str = "") -> str:
     """Render a passage with `--encoder_format` / `--retriever_format`; the title becomes "title: section"."""
     return template.format(query=query, title=passage_title(passage), text=passage.get("text", ""))
+
+
+def pearson(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Mean over the batch of the Pearson correlation between two (B, K) score tensors (0 where constant)."""
+    x = x.float() - x.float().mean(dim=1, keepdim=True)
+    y = y.float() - y.float().mean(dim=1, keepdim=True)
+    denominator = (x.norm(dim=1) * y.norm(dim=1)).clamp(min=1e-12)
+    return ((x * y).sum(dim=1) / denominator).mean()
 
 
 def filter_own_passage(
@@ -180,17 +189,26 @@ class Atlas(nn.Module):
         )
         return Batch(ids.to(self.device), mask.to(self.device), labels.to(self.device))
 
-    def forward(self, examples: list[Example], passages: list[list[dict]]) -> dict[str, torch.Tensor]:
-        """Training losses: `reader_loss`, and `retriever_loss` when the retriever trains (then `loss` sums both)."""
+    def forward(
+        self, examples: list[Example], passages: list[list[dict]], train_retriever: bool = True
+    ) -> dict[str, torch.Tensor]:
+        """Training losses: `reader_loss`, and `retriever_loss` when the retriever trains (then `loss` sums both).
+
+        `train_retriever=False` skips the retriever loss (while it is frozen by --freeze_retriever_steps).
+        With --compute_crossattention_stats, `corr/<mode>` holds the Pearson correlation of the gold scores with the
+        attention-derived (evalnormsum) scores.
+        """
         batch = self.batch(examples, passages)
         reader_loss = fid.forward(self.reader, batch.reader_ids, batch.reader_mask, batch.labels).loss
         losses = {"reader_loss": reader_loss, "loss": reader_loss}
-        if self.config.train_retriever and self.retriever is not None:
-            retriever_loss = self.retriever_loss(examples, passages, batch.labels)
-            losses.update(retriever_loss=retriever_loss, loss=reader_loss + retriever_loss)
+        if train_retriever and self.config.train_retriever and self.retriever is not None:
+            losses.update(self.retriever_loss(examples, passages, batch.labels))
+            losses["loss"] = reader_loss + losses["retriever_loss"]
         return losses
 
-    def retriever_loss(self, examples: list[Example], passages: list[list[dict]], labels: torch.Tensor) -> torch.Tensor:
+    def retriever_loss(
+        self, examples: list[Example], passages: list[list[dict]], labels: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
         """Distil the reader's gold scores over all retriever_n_context passages into the retriever's scores."""
         k = self.config.retriever_n_context
         passage_lists = self._passage_lists(examples, passages, k)
@@ -204,17 +222,23 @@ class Atlas(nn.Module):
             for ex, ps in zip(examples, passage_lists)
         ]
         ids, mask = fid.tokenize_passages(self.reader_tokenizer, reader_texts, self.config.text_maxlength)
-        loss, _gold = retriever_loss(
+        reader_inputs = (ids.to(self.device), mask.to(self.device), labels)
+        loss, gold = retriever_loss(
             self.config.gold_score_mode,
             self.reader,
-            (ids.to(self.device), mask.to(self.device), labels),
+            reader_inputs,
             retriever_scores,
             self.retriever.dim,
             self.config.temperature_score,
             self.config.temperature_gold,
             self.config.kl_reduction,
         )
-        return loss
+        out = {"retriever_loss": loss}
+        if self.config.compute_crossattention_stats:
+            reference = retriever_scores.detach() if gold is None else gold  # emdr has no gold: use the retriever
+            attention = evalnormsum_scores(self.reader, *reader_inputs)  # (B, K)
+            out[f"corr/{self.config.gold_score_mode}"] = pearson(reference, attention)
+        return out
 
     @torch.no_grad()
     def eval_loss(self, examples: list[Example], passages: list[list[dict]]) -> torch.Tensor:

@@ -131,10 +131,10 @@ class Trainer:
             # options guarantee retriever_n_context >= n_context: the reader reads the first n_context
             passages, _ = model.passages_for(self.index, examples, opt.retriever_n_context, self.task.filter_by_id)
             with autocast(opt.precision, self.world.device):
-                losses = model(examples, passages)
+                losses = model(examples, passages, train_retriever=not self.retriever_frozen(step))
             self.scaler.scale(losses["loss"] / opt.accumulation_steps).backward()
             for name, value in losses.items():
-                totals[name] = totals.get(name, 0.0) + value.item() / opt.accumulation_steps  # sync: one per loss
+                totals[name] = totals.get(name, 0.0) + value.item() / opt.accumulation_steps  # sync: one per value
         all_reduce_gradients(model, self.world.world_size)
         names = [n for n in self.optimizers if not (n == "retriever" and self.retriever_frozen(step))]
         for name in names:
@@ -185,7 +185,7 @@ class Trainer:
             save_checkpoint(self.opt, step, self.model, self.optimizers, self.schedulers, self.opt.save_optimizer)
 
     def log(self, step: int, sums: dict[str, float], n_steps: int, seconds: float) -> None:
-        means = {f"loss/{name}": value / n_steps for name, value in sums.items()}
+        means = {name if "/" in name else f"loss/{name}": value / n_steps for name, value in sums.items()}
         means["lr"] = self.schedulers["reader"].get_last_lr()[0]
         means["runtime/train_step"] = seconds / n_steps
         logger.info("step %d/%d | %s", step, self.opt.total_steps, " | ".join(f"{k} {v:.4g}" for k, v in means.items()))

@@ -127,6 +127,8 @@ def test_failed_build_leaves_no_output(tmp_path: Path, monkeypatch: pytest.Monke
         raise KeyboardInterrupt
 
     monkeypatch.setattr(prepare_demo, "build_demo", fail)
+    for name in ("set_verbosity_error", "disable_progress_bar"):  # keep transformers' logging as other tests expect
+        monkeypatch.setattr(prepare_demo.hf_logging, name, lambda: None)
     with pytest.raises(KeyboardInterrupt):
         prepare_demo.main(["--output_directory", str(tmp_path / "out")])
     assert list(tmp_path.iterdir()) == []

@@ -133,3 +133,17 @@ def test_filtering_drops_the_instances_own_passage(setup):
     assert len(ids) == 3 and own not in ids
     assert ids[:2] == [p["id"] for p in unfiltered[0][1:]]  # the others keep their order
     assert scores.shape == (1, 3)
+
+
+@pytest.mark.parametrize("mode", ["ppmean", "evalnormsum", "loop", "emdr"])
+def test_each_gold_mode_trains_and_logs_attention_correlation(setup, mode):
+    opt, model, index = setup("--gold_score_mode", mode, "--compute_crossattention_stats")
+    examples = [Example("question: where was he born? answer: <extra_id_0>", "<extra_id_0> Paris", ["Paris"])] * 2
+    passages, _ = model.retrieve(index, examples, 3)
+    losses = model(examples, passages)
+    assert losses["retriever_loss"].requires_grad and torch.isfinite(losses["loss"])
+    assert -1.0 <= losses[f"corr/{mode}"].item() <= 1.0
+    losses["loss"].backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.retriever.parameters())
+    frozen = model(examples, passages, train_retriever=False)
+    assert set(frozen) == {"reader_loss", "loss"}
