@@ -6,11 +6,8 @@ from src.run import main_guard, setup
 
 def main(argv: list[str] | None = None) -> None:
     run = setup(argv, "evaluate")
-    if not run.opt.eval_data:
-        from src.errors import UserError
-
-        raise UserError("--eval_data: give at least one jsonl file to evaluate")
-    scores = build_evaluate_fn(run.task, run.opt, run.world)(run.loaded.model, run.index, run.loaded.step)
+    evaluate_fn = build_evaluate_fn(run.task, run.opt, run.world, run.eval_data)
+    scores = evaluate_fn(run.loaded.model, run.index, run.loaded.step)
     if run.world.is_main:
         for name, value in scores.items():
             print(f"{name}: {value:.2f}")

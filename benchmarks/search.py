@@ -62,8 +62,7 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=100)
     parser.add_argument("--queries", type=int, default=64, help="main batch size (checked for equal ids)")
     parser.add_argument("--batch_sizes", type=int, nargs="+", default=[1, 64, 256])
-    parser.add_argument("--repeats", type=int, default=3, help="best of this many searches (ours)")
-    parser.add_argument("--faiss_repeats", type=int, default=2, help="best of this many searches (faiss)")
+    parser.add_argument("--repeats", type=int, default=4, help="best of this many searches, ours and faiss alternating")
     parser.add_argument("--tmp", default=None, help="parent directory for the temporary passage store")
     args = parser.parse_args()
 
@@ -71,9 +70,9 @@ def main() -> None:
 
     print(machine_info())
     print(f"torch threads {torch.get_num_threads()}, faiss threads {faiss.omp_get_max_threads()}")
-    read_1t = with_threads(1, memory_read_bandwidth)
-    read_bw = max(read_1t, memory_read_bandwidth())
-    peak = matmul_peak_flops()
+    read_1t = with_threads(1, lambda: memory_read_bandwidth(repeats=5))
+    read_bw = max(read_1t, memory_read_bandwidth(repeats=5))
+    peak = matmul_peak_flops(repeats=5)
     print(f"memory read bandwidth: {read_1t / 1e9:.1f} GB/s (1 thread), {read_bw / 1e9:.1f} GB/s (best)")
     print(f"fp32 sgemm 4096^2: {peak / 1e9:.0f} GFLOP/s")
 
@@ -111,8 +110,11 @@ def main() -> None:
         bytes_read = args.n * args.dim * 4
         for batch in args.batch_sizes:
             q = all_queries[:batch]
-            t_ours = best_time(lambda q=q: ours(q), args.repeats, warmup=1)
-            t_faiss = best_time(lambda q=q: theirs(q), args.faiss_repeats, warmup=0)
+            ours(q)  # warm-up
+            t_ours, t_faiss = float("inf"), float("inf")
+            for _ in range(args.repeats):  # interleaved, so both see the same background load
+                t_ours = min(t_ours, best_time(lambda q=q: ours(q), 1))
+                t_faiss = min(t_faiss, best_time(lambda q=q: theirs(q), 1))
             flops = 2 * args.n * args.dim * batch
             bound = max(bytes_read / read_bw, flops / peak)
             table.append(

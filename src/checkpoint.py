@@ -7,6 +7,7 @@ with torch.load(weights_only=True). State-dict keys are `reader.*` (HF T5 names)
 """
 
 import argparse
+import contextlib
 import logging
 import os
 import tempfile
@@ -82,6 +83,16 @@ def adapt_retriever_keys(state: dict, query_side: bool) -> dict:
     return state
 
 
+@contextlib.contextmanager
+def hub_errors(flag: str, name: str):
+    """Turn a model that cannot be loaded (not cached and no network, or not a model directory) into a UserError."""
+    try:
+        yield
+    except OSError as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"{flag} {name}: cannot load it ({reason})") from None
+
+
 def build_model(opt: argparse.Namespace, device: torch.device) -> Loaded:
     """The model the options ask for: resumed run, --model_path checkpoint, or pretrained reader + retriever."""
     latest = run_dir(opt) / "checkpoint" / "latest"
@@ -93,14 +104,17 @@ def build_model(opt: argparse.Namespace, device: torch.device) -> Loaded:
     query_side = bool(opt.query_side_retriever_training or any(".query_contriever." in k for k in state))
     reader = reader_tok = retriever = retriever_tok = None
     if not getattr(opt, "retrieve_only", False):
-        reader_tok = fid.load_reader_tokenizer(opt.reader_model_type)
-        if ckpt:  # weights come from the checkpoint: build the architecture only
-            reader = fid.reader_from_config(T5Config.from_pretrained(opt.reader_model_type, dropout_rate=opt.dropout))
-        else:
-            reader = fid.load_reader(opt.reader_model_type, dropout=opt.dropout)
+        with hub_errors("--reader_model_type", opt.reader_model_type):
+            reader_tok = fid.load_reader_tokenizer(opt.reader_model_type)
+            if ckpt:  # weights come from the checkpoint: build the architecture only
+                config = T5Config.from_pretrained(opt.reader_model_type, dropout_rate=opt.dropout)
+                reader = fid.reader_from_config(config)
+            else:
+                reader = fid.load_reader(opt.reader_model_type, dropout=opt.dropout)
     if needs_retriever(opt):
-        retriever_tok = contriever.load_tokenizer(opt.retriever_model_path)
-        encoder = contriever.load_encoder(opt.retriever_model_path, opt.uncentered_layernorm)
+        with hub_errors("--retriever_model_path", opt.retriever_model_path):
+            retriever_tok = contriever.load_tokenizer(opt.retriever_model_path)
+            encoder = contriever.load_encoder(opt.retriever_model_path, opt.uncentered_layernorm)
         retriever = contriever.Retriever(encoder, query_side=query_side)
     enable_gradient_checkpointing(reader, retriever, opt)
     model = Atlas(reader, retriever, reader_tok, retriever_tok, AtlasConfig.from_options(opt))

@@ -13,13 +13,14 @@ import torch
 from src import distributed as dist
 from src.atlas import Atlas
 from src.checkpoint import run_dir
-from src.data import eval_batches, load_instances
+from src.data import RawInstance, eval_batches, load_instances
 from src.metrics import answer_in_text
 from src.tasks import Example, Task
 
 logger = logging.getLogger(__name__)
 
 RECALL_AT = (1, 5, 10, 20, 50, 100)
+EvalData = tuple[str, list[RawInstance]]  # an eval file and this rank's instances of it
 
 
 def padded_batches(batches: list[list[Example]]) -> list[list[Example]]:
@@ -36,9 +37,9 @@ def reduce_means(sums: dict[str, float], counts: dict[str, float]) -> dict[str, 
     return {n: (packed[i] / packed[len(names) + i]).item() for i, n in enumerate(names) if packed[len(names) + i] > 0}
 
 
-def evaluate_file(model: Atlas, index, task: Task, opt: argparse.Namespace, path: str, step: int, world):
+def evaluate_file(model: Atlas, index, task: Task, opt: argparse.Namespace, data: EvalData, step: int, world):
     """Scores of one eval file (percentages; eval_loss as is) and the written results path, if any."""
-    instances = load_instances([path], task, world.rank, world.world_size)
+    path, instances = data
     sums = dict.fromkeys(task.metrics, 0.0)  # the same names on every rank, for the all-reduce
     counts = dict.fromkeys(task.metrics, 0.0)
     rows: list[dict] = []
@@ -57,9 +58,9 @@ def evaluate_file(model: Atlas, index, task: Task, opt: argparse.Namespace, path
     return scores, written
 
 
-def evaluate_retrieval(model: Atlas, index, task: Task, opt: argparse.Namespace, path: str, step: int, world):
+def evaluate_retrieval(model: Atlas, index, task: Task, opt: argparse.Namespace, data: EvalData, step: int, world):
     """Retrieve-only: recall@k by answer string (and by gold passage id when rows have `gold_ids`)."""
-    instances = load_instances([path], task, world.rank, world.world_size)
+    path, instances = data
     ks = [k for k in RECALL_AT if k <= opt.n_context]
     names = [f"{kind}@{k}" for kind in ("recall", "gold_recall") for k in ks]
     sums, counts = dict.fromkeys(names, 0.0), dict.fromkeys(names, 0.0)  # the same names on every rank
@@ -113,14 +114,22 @@ def write_results(rows: list[dict], opt: argparse.Namespace, path: str, step: in
     return out
 
 
-def build_evaluate_fn(task: Task, opt: argparse.Namespace, world) -> Callable[[Atlas, object, int], dict[str, float]]:
+def load_eval_data(task: Task, opt: argparse.Namespace, world) -> list[EvalData]:
+    """This rank's instances of every --eval_data file, read (and checked) once, before any model is built."""
+    return [(path, load_instances([path], task, world.rank, world.world_size)) for path in opt.eval_data]
+
+
+def build_evaluate_fn(
+    task: Task, opt: argparse.Namespace, world, eval_data: list[EvalData]
+) -> Callable[[Atlas, object, int], dict[str, float]]:
     """evaluate(model, index, step) over every --eval_data file, logging and returning `{file_stem}/{metric}`."""
 
     def run(model: Atlas, index, step: int) -> dict[str, float]:
         results = {}
         fn = evaluate_retrieval if opt.retrieve_only else evaluate_file
-        for path in opt.eval_data:
-            scores, _ = fn(model, index, task, opt, path, step, world)
+        for data in eval_data:
+            path = data[0]
+            scores, _ = fn(model, index, task, opt, data, step, world)
             logger.info("%s step %d | %s", path, step, " | ".join(f"{k} {v:.2f}" for k, v in scores.items()))
             results.update({f"{Path(path).stem}/{k}": v for k, v in scores.items()})
         return results

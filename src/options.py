@@ -307,6 +307,10 @@ _POSITIVE_FLOATS = ("temperature_score", "temperature_gold", "mlm_mean_noise_spa
 def _validate(parser: argparse.ArgumentParser, opt: argparse.Namespace, mode: str) -> None:
     """Check flag values and combinations; parser.error() on the first problem."""
     err = parser.error
+    if mode == "train" and not opt.train_data:
+        err("--train_data: give at least one jsonl file to train on")
+    if mode == "evaluate" and not opt.eval_data:
+        err("--eval_data: give at least one jsonl file to evaluate")
     for name in _AT_LEAST_ONE.split():
         if getattr(opt, name) < 1:
             err(f"--{name} must be >= 1, got {getattr(opt, name)}")

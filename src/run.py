@@ -10,7 +10,9 @@ from pathlib import Path
 from src import distributed as dist
 from src.atlas import Atlas, format_passage
 from src.checkpoint import Loaded, build_model, run_dir
+from src.data import RawInstance, load_instances
 from src.errors import UserError
+from src.evaluation import EvalData, load_eval_data
 from src.index import DistributedIndex, embed_passages
 from src.logs import setup_logging
 from src.options import parse_options
@@ -27,6 +29,8 @@ class Run:
     opt: argparse.Namespace
     world: dist.World
     task: Task
+    train_data: list[RawInstance]  # this rank's share of --train_data
+    eval_data: list[EvalData]  # this rank's share of each --eval_data file
     loaded: Loaded
     index: DistributedIndex | None
 
@@ -75,9 +79,12 @@ def setup(argv: list[str] | None, mode: str) -> Run:
     logger.info("options: %s", " ".join(sys.argv[1:] if argv is None else argv))
     seed_everything(opt.seed + world.rank)
     task = build_task(opt.task, opt)
+    # Data first: a malformed line or a missing field fails in seconds, before models and the index are built.
+    train_data = load_instances(opt.train_data, task, world.rank, world.world_size) if mode == "train" else []
+    eval_data = load_eval_data(task, opt, world)
     loaded = build_model(opt, world.device)
     index = build_index(opt, loaded.model, world)
-    return Run(opt, world, task, loaded, index)
+    return Run(opt, world, task, train_data, eval_data, loaded, index)
 
 
 def main_guard(fn: Callable[[], None]) -> None:

@@ -77,7 +77,7 @@ def test_user_mistakes_end_in_one_line(demo, tmp_path):
     args = common(demo, tmp_path) + ["--name", "bad", "--eval_data", str(bad)]
     result = run(["evaluate.py", *args])
     assert result.returncode == 2
-    assert result.stderr.strip().splitlines()[-1] == f"error: {bad}:2: not valid JSON (Expecting value at character 14)"
+    assert result.stderr.strip().splitlines()[-1] == f"error: {bad}:2: not valid JSON (Expecting value at character 15)"
     assert "Traceback" not in result.stderr
     bad.write_text('{"answers": ["a"]}\n')
     result = run(["evaluate.py", *args])

@@ -17,12 +17,13 @@ if str(ROOT / "preprocessing") not in sys.path:
 import demo_world  # noqa: E402
 import prepare_demo  # noqa: E402
 
-ARGS = ["--n_entities", "40", "--retriever", "scratch", "--seed", "0"]  # the same world as conftest's `demo`
 
-
-def build(out: Path) -> subprocess.CompletedProcess:
-    command = [sys.executable, "preprocessing/prepare_demo.py", "--output_directory", str(out), *ARGS]
-    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+def rebuild(demo: Path, out: Path) -> subprocess.CompletedProcess:
+    """Build `out` with the options that built conftest's `demo` (small world, scratch retriever)."""
+    manifest = json.loads((demo / prepare_demo.MANIFEST).read_text())
+    options = ["--n_entities", str(manifest["n_entities"]), "--seed", str(manifest["seed"])]
+    command = [sys.executable, "preprocessing/prepare_demo.py", "--output_directory", str(out), *options]
+    return subprocess.run([*command, "--retriever", manifest["retriever"]], cwd=ROOT, capture_output=True, text=True)
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -42,8 +43,10 @@ def test_files_have_the_task_fields(demo: Path, world: dict[str, list[dict]]) ->
         for example in world[split]:
             assert set(example) == {"question", "answers", "id", "gold_ids"}
             assert example["answers"] and set(example["gold_ids"]) <= set(ids)
-    assert len(world["dev"]) == 20 and len(world["train"]) > 200  # 4 dev people x 5 facts; 36 train people
-    manifest = json.loads((demo / "demo.json").read_text())
+    manifest = json.loads((demo / prepare_demo.MANIFEST).read_text())
+    n_dev_people = round(manifest["n_entities"] / 10)
+    assert len(world["dev"]) == 5 * n_dev_people  # one question per fact
+    assert len(world["train"]) >= 5 * (manifest["n_entities"] - n_dev_people)
     assert manifest["counts"] == {name: len(rows) for name, rows in world.items()}
 
 
@@ -63,7 +66,7 @@ def test_every_answer_is_in_its_gold_passage(world: dict[str, list[dict]]) -> No
 
 def test_same_seed_gives_identical_files(demo: Path, tmp_path: Path) -> None:
     again = tmp_path / "again"
-    result = build(again)
+    result = rebuild(demo, again)
     assert result.returncode == 0, result.stderr
     files = sorted(p.relative_to(demo) for p in demo.rglob("*") if p.is_file())
     assert files == sorted(p.relative_to(again) for p in again.rglob("*") if p.is_file())
