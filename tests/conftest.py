@@ -22,3 +22,13 @@ def demo(tmp_path_factory) -> Path:
                          "--retriever", "scratch"])  # fmt: skip
     assert result.returncode == 0, result.stderr
     return out
+
+
+def demo_args(demo: Path, checkpoint_dir: Path) -> list[str]:
+    """Flags every run on the demo world shares: task, models, passages, training data, output directory."""
+    return [
+        *("--task", "qa", "--reader_model_type", str(demo / "models/reader")),
+        *("--retriever_model_path", str(demo / "models/retriever")),
+        *("--passages", str(demo / "data/passages.jsonl"), "--train_data", str(demo / "data/train.jsonl")),
+        *("--checkpoint_dir", str(checkpoint_dir), "--text_maxlength", "64", "--per_gpu_embedder_batch_size", "16"),
+    ]

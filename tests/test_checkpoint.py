@@ -6,34 +6,12 @@ from src.checkpoint import build_model, read_checkpoint, save_checkpoint
 from src.options import parse_options
 from src.tasks import Example
 from src.training import build_optimizers
+from tests.conftest import demo_args
 
 
 def options(demo, tmp_path, *extra: str):
-    return parse_options(
-        [
-            "--task",
-            "qa",
-            "--reader_model_type",
-            str(demo / "models/reader"),
-            "--retriever_model_path",
-            str(demo / "models/retriever"),
-            "--passages",
-            str(demo / "data/passages.jsonl"),
-            "--checkpoint_dir",
-            str(tmp_path),
-            "--name",
-            "ckpt",
-            "--train_retriever",
-            "--n_context",
-            "2",
-            "--retriever_n_context",
-            "2",
-            "--generation_max_length",
-            "6",
-            *extra,
-        ],  # fmt: skip
-        "train",
-    )
+    flags = ["--name", "ckpt", "--train_retriever", "--n_context", "2", "--retriever_n_context", "2"]
+    return parse_options([*demo_args(demo, tmp_path), *flags, "--generation_max_length", "6", *extra], "train")
 
 
 EXAMPLES = [Example("question: who is Ab? answer: <extra_id_0>", "<extra_id_0> Cd", ["Cd"])]

@@ -6,24 +6,21 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.conftest import demo_args
 from tests.conftest import run_script as run
 
 
 def common(demo: Path, ckpt: Path) -> list[str]:
-    return [
-        "--task", "qa", "--reader_model_type", str(demo / "models/reader"),
-        "--retriever_model_path", str(demo / "models/retriever"), "--passages", str(demo / "data/passages.jsonl"),
-        "--checkpoint_dir", str(ckpt), "--text_maxlength", "64", "--target_maxlength", "16",
-        "--generation_max_length", "8", "--n_context", "2", "--retriever_n_context", "3",
-        "--per_gpu_embedder_batch_size", "16",
-    ]  # fmt: skip
+    flags = ["--target_maxlength", "16", "--generation_max_length", "8"]
+    flags += ["--n_context", "2", "--retriever_n_context", "3"]
+    return [*demo_args(demo, ckpt), *flags]
 
 
 @pytest.fixture(scope="module")
 def trained(demo, tmp_path_factory) -> Path:
     ckpt = tmp_path_factory.mktemp("runs")
     args = common(demo, ckpt) + [
-        "--name", "tiny", "--train_data", str(demo / "data/train.jsonl"), "--eval_data", str(demo / "data/dev.jsonl"),
+        "--name", "tiny", "--eval_data", str(demo / "data/dev.jsonl"),
         "--train_retriever", "--total_steps", "3", "--eval_freq", "3", "--log_freq", "1", "--warmup_steps", "1",
         "--per_gpu_batch_size", "2", "--save_optimizer",
     ]  # fmt: skip

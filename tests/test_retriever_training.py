@@ -13,48 +13,15 @@ from src.options import parse_options
 from src.run import build_index, refresh_index
 from src.tasks import Example, build_task
 from src.training import Trainer
+from tests.conftest import demo_args
 
 CPU = World(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
 
 
 def options(demo, tmp_path, *extra: str):
-    return parse_options(
-        [
-            "--task",
-            "qa",
-            "--reader_model_type",
-            str(demo / "models/reader"),
-            "--retriever_model_path",
-            str(demo / "models/retriever"),
-            "--passages",
-            str(demo / "data/passages.jsonl"),
-            "--train_data",
-            str(demo / "data/train.jsonl"),
-            "--checkpoint_dir",
-            str(tmp_path),
-            "--name",
-            "rt",
-            "--train_retriever",
-            "--n_context",
-            "2",
-            "--retriever_n_context",
-            "3",
-            "--text_maxlength",
-            "64",
-            "--per_gpu_batch_size",
-            "2",
-            "--lr_retriever",
-            "1e-3",
-            "--warmup_steps",
-            "0",
-            "--total_steps",
-            "10",
-            "--per_gpu_embedder_batch_size",
-            "16",
-            *extra,
-        ],  # fmt: skip
-        "train",
-    )
+    flags = ["--name", "rt", "--train_retriever", "--n_context", "2", "--retriever_n_context", "3"]
+    flags += ["--per_gpu_batch_size", "2", "--lr_retriever", "1e-3", "--warmup_steps", "0", "--total_steps", "10"]
+    return parse_options([*demo_args(demo, tmp_path), *flags, *extra], "train")
 
 
 def fresh_passage_embeddings(model, store) -> torch.Tensor:
