@@ -53,7 +53,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--output_directory", required=True, type=Path, help="where the demo is written")
     parser.add_argument("--seed", type=int, default=0, help="same seed, same files")
-    parser.add_argument("--n_entities", type=int, default=400, help="number of fictional people (>= 10)")
+    parser.add_argument("--n_entities", type=int, default=1600, help="number of fictional people (>= 10)")
     parser.add_argument("--retriever", choices=["auto", "minilm", "scratch"], default="auto")
     parser.add_argument("--check_retrieval", action="store_true", help="report dev recall@1/5 of the retriever")
     args = parser.parse_args(argv)

@@ -137,5 +137,4 @@ def test_exact_search_matches_numpy_brute_force(retrieved):
 def test_gold_passages_are_found(retrieved):
     """A sanity check that the embeddings are meaningful: MiniLM finds most gold passages in its top 10."""
     found = np.mean([bool(g & set(ids)) for ids, g in zip(retrieved["ours"], retrieved["gold"])])
-    print(f"gold recall@10 {found:.2f}")
-    assert found >= 0.6, f"gold recall@10 {found:.2f} on the slice"
+    assert found >= 0.6, f"gold recall@10 {found:.2f} on the slice (0.70 when written, with {MAX_LENGTH} tokens)"
