@@ -307,10 +307,6 @@ _POSITIVE_FLOATS = ("temperature_score", "temperature_gold", "mlm_mean_noise_spa
 def _validate(parser: argparse.ArgumentParser, opt: argparse.Namespace, mode: str) -> None:
     """Check flag values and combinations; parser.error() on the first problem."""
     err = parser.error
-    if mode == "train" and not opt.train_data:
-        err("--train_data: give at least one jsonl file to train on")
-    if mode == "evaluate" and not opt.eval_data:
-        err("--eval_data: give at least one jsonl file to evaluate")
     for name in _AT_LEAST_ONE.split():
         if getattr(opt, name) < 1:
             err(f"--{name} must be >= 1, got {getattr(opt, name)}")
@@ -365,6 +361,10 @@ def _validate(parser: argparse.ArgumentParser, opt: argparse.Namespace, mode: st
         parse_refresh_schedule(opt.refresh_index)
     except ValueError as e:
         err(f"--refresh_index {opt.refresh_index!r}: {e}")
+    if mode == "train" and not opt.train_data:
+        err("--train_data: give at least one jsonl file to train on")
+    if mode == "evaluate" and not opt.eval_data:
+        err("--eval_data: give at least one jsonl file to evaluate")
 
 
 def parse_options(argv: list[str] | None, mode: str) -> argparse.Namespace:

@@ -40,7 +40,8 @@ use_gradient_checkpoint_retriever
 """
 SEED_FLAGS = _SEED_FLAG_TEXT.split()
 NEW_FLAGS = ["faiss_nprobe", "uncentered_layernorm", "kl_reduction", "passage_store_dir"]
-BASE = ["--reader_model_type", "t5-small", "--passages", "p.jsonl"]
+DATA = ["--train_data", "t.jsonl", "--eval_data", "e.jsonl"]  # train.py and evaluate.py need data files
+BASE = ["--reader_model_type", "t5-small", "--passages", "p.jsonl", *DATA]
 MODES = ["train", "evaluate"]
 
 
@@ -133,7 +134,6 @@ def test_seed_readme_usage_flags_all_defined() -> None:
         ("index_mode", "flat"),
         ("faiss_index_type", "flat"),
         ("precision", "fp32"),
-        ("train_data", []),
         ("target_maxlength", None),
         ("kl_reduction", "mean"),
         ("faiss_nprobe", None),
@@ -161,6 +161,7 @@ def test_gold_score_modes_unchanged(mode: str) -> None:
 
 def test_closed_book(caplog: pytest.LogCaptureFixture) -> None:
     argv = ["--reader_model_type", "t5-small", "--closed_book", "--n_context", "10", "--retriever_n_context", "20"]
+    argv += DATA
     with caplog.at_level(logging.INFO, logger="src.options"):
         opt = parse_options(argv, "train")
     assert (opt.n_context, opt.retriever_n_context, opt.encoder_format) == (1, 1, "{query}")
@@ -168,14 +169,22 @@ def test_closed_book(caplog: pytest.LogCaptureFixture) -> None:
     assert "--closed_book" in caplog.text
 
 
+@pytest.mark.parametrize("mode,flag", [("train", "--train_data"), ("evaluate", "--eval_data")])
+def test_data_files_are_required(capsys: pytest.CaptureFixture, mode: str, flag: str) -> None:
+    argv = [a for a in BASE if a not in ("--train_data", "t.jsonl", "--eval_data", "e.jsonl")]
+    with pytest.raises(SystemExit) as exit_info:
+        parse_options(argv, mode)
+    assert exit_info.value.code == 2 and flag in capsys.readouterr().err
+
+
 def test_use_file_passages_disables_retriever_training() -> None:
-    argv = ["--reader_model_type", "t5-small", "--use_file_passages", "--train_retriever"]
+    argv = ["--reader_model_type", "t5-small", "--use_file_passages", "--train_retriever", *DATA]
     opt = parse_options(argv + ["--query_side_retriever_training"], "train")
     assert not opt.train_retriever and not opt.query_side_retriever_training
 
 
 def test_reader_model_type_local_dir(tmp_path: Path) -> None:
-    opt = parse_options(["--reader_model_type", str(tmp_path), "--passages", "p.jsonl"], "evaluate")
+    opt = parse_options(["--reader_model_type", str(tmp_path), "--passages", "p.jsonl", *DATA], "evaluate")
     assert opt.reader_model_type == str(tmp_path)
 
 
@@ -205,7 +214,7 @@ def test_index_and_passages_both_warns(caplog: pytest.LogCaptureFixture) -> None
 
 
 def test_retrieve_only_evaluate_needs_no_reader() -> None:
-    opt = parse_options(["--retrieve_only", "--load_index_path", "idx"], "evaluate")
+    opt = parse_options(["--retrieve_only", "--load_index_path", "idx", *DATA], "evaluate")
     assert opt.retrieve_only and opt.reader_model_type is None
 
 
