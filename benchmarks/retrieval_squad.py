@@ -76,7 +76,7 @@ def run_evaluate(args: argparse.Namespace, name: str, world_size: int) -> tuple[
 
 
 def format_passage(passage: dict) -> str:
-    """ "{title} {text}" with the title "title: section" when the section is non-empty (written independently)."""
+    """Render "{title} {text}", the title being "title: section" when the section is non-empty (written anew)."""
     title, section = passage.get("title") or "", passage.get("section") or ""
     return f"{title}: {section} {passage.get('text', '')}" if section else f"{title} {passage.get('text', '')}"
 
@@ -120,7 +120,7 @@ def brute_force(args: argparse.Namespace, questions: list[dict]) -> tuple[np.nda
 
 
 def compare_ids(ours: list[str], ref: list[str], score_of: dict[str, float], atol: float) -> str:
-    """ "same", "ties" (lists differ only where the reference scores are within ``atol``) or "different"."""
+    """Return "same", "ties" (lists differ only where the reference scores are within ``atol``) or "different"."""
     if ours == ref:
         return "same"
     if len(ours) == len(ref) and all(abs(score_of.get(a, -1e9) - score_of[b]) <= atol for a, b in zip(ours, ref)):
