@@ -302,7 +302,8 @@ def _load_local(
     saved = manifest["faiss"]
     if saved is None:
         index = DistributedIndex(store, manifest["dim"], world, mode, index_type, code_size, nprobe)
-        rows = io.read_rows(path, manifest, index.local_rows.start, index.local_rows.stop)  # (N_local, d)
+        dtype = np.float16 if index.dtype == torch.float16 else np.float32  # the index's in-memory dtype
+        rows = io.read_rows(path, manifest, index.local_rows.start, index.local_rows.stop, dtype)  # (N_local, d)
         index.set_embeddings(torch.from_numpy(rows))
     else:
         if mode != "faiss":

@@ -177,13 +177,17 @@ def _check_size(file_path: str, entry: dict) -> None:
         raise UserError(f"index file {file_path} is truncated or corrupted ({size} bytes, expected {entry['bytes']})")
 
 
-def read_rows(path: str, manifest: dict[str, Any], start: int, end: int) -> np.ndarray:
-    """Embedding rows [start, end) as a (end - start, dim) array in the saved dtype, reading only overlapping shards.
+def read_rows(
+    path: str, manifest: dict[str, Any], start: int, end: int, dtype: np.dtype | str | None = None
+) -> np.ndarray:
+    """Embedding rows [start, end) as a (end - start, dim) array, reading only overlapping shards.
 
-    Each shard read is checked against its manifest size and CRC32; UserError names the bad file.
+    `dtype` (default: the saved one) is the dtype of the result; shards are converted while they are copied in, so
+    loading fp16 shards into an fp32 index makes one copy, not two. Each shard read is checked against its manifest
+    size and CRC32; UserError names the bad file.
     """
     info = manifest["embeddings"]
-    out = np.empty((end - start, manifest["dim"]), dtype=info["dtype"])  # (n_local, d)
+    out = np.empty((end - start, manifest["dim"]), dtype=dtype or info["dtype"])  # (n_local, d)
     for entry in info["shards"]:
         lo, hi = max(start, entry["start"]), min(end, entry["end"])
         if lo >= hi:
