@@ -170,24 +170,29 @@ class Atlas(nn.Module):
             passage_emb = self.retriever.embed_passages(*self._retriever_tokens(texts)).view(B, n, -1)  # (B, n, D)
         return torch.einsum("bd,bnd->bn", query_emb, passage_emb).float()  # (B, n)
 
-    def _passage_lists(self, examples: list[Example], passages: list[list[dict]], k: int) -> list[list[dict]]:
+    @staticmethod
+    def _passage_lists(passages: list[list[dict]], k: int) -> list[list[dict]]:
         """Exactly k passages per example: truncate, or pad with empty passages when fewer are available."""
         return [(list(ps) + [EMPTY_PASSAGE] * k)[:k] for ps in passages]
 
-    def batch(self, examples: list[Example], passages: list[list[dict]], with_targets: bool = True) -> Batch:
-        """Tokenise queries with their first n_context passages for the reader, and the targets."""
-        k = self.config.n_context
+    def _reader_tokens(self, examples: list[Example], passages: list[list[dict]], k: int):
+        """Reader input ids and mask (B, k, L) of each query with its first k passages, on the model's device."""
         texts = [
             [format_passage(self.config.encoder_format, p, ex.query) for p in ps]
-            for ex, ps in zip(examples, self._passage_lists(examples, passages, k))
+            for ex, ps in zip(examples, self._passage_lists(passages, k))
         ]
         ids, mask = fid.tokenize_passages(self.reader_tokenizer, texts, self.config.text_maxlength)
+        return ids.to(self.device), mask.to(self.device)
+
+    def batch(self, examples: list[Example], passages: list[list[dict]], with_targets: bool = True) -> Batch:
+        """Tokenise queries with their first n_context passages for the reader, and the targets."""
+        ids, mask = self._reader_tokens(examples, passages, self.config.n_context)
         labels = (
             fid.tokenize_targets(self.reader_tokenizer, [ex.target for ex in examples], self.config.target_maxlength)
             if with_targets
             else torch.zeros(len(examples), 0, dtype=torch.long)
         )
-        return Batch(ids.to(self.device), mask.to(self.device), labels.to(self.device))
+        return Batch(ids, mask, labels.to(self.device))
 
     def forward(
         self, examples: list[Example], passages: list[list[dict]], train_retriever: bool = True
@@ -202,27 +207,26 @@ class Atlas(nn.Module):
         reader_loss = fid.forward(self.reader, batch.reader_ids, batch.reader_mask, batch.labels).loss
         losses = {"reader_loss": reader_loss, "loss": reader_loss}
         if train_retriever and self.config.train_retriever and self.retriever is not None:
-            losses.update(self.retriever_loss(examples, passages, batch.labels))
+            losses.update(self.retriever_loss(examples, passages, batch))
             losses["loss"] = reader_loss + losses["retriever_loss"]
         return losses
 
     def retriever_loss(
-        self, examples: list[Example], passages: list[list[dict]], labels: torch.Tensor
+        self, examples: list[Example], passages: list[list[dict]], batch: Batch
     ) -> dict[str, torch.Tensor]:
         """Distil the reader's gold scores over all retriever_n_context passages into the retriever's scores."""
         k = self.config.retriever_n_context
-        passage_lists = self._passage_lists(examples, passages, k)
+        passage_lists = self._passage_lists(passages, k)
         query_emb = self.retriever.embed_queries(*self._retriever_tokens([ex.query for ex in examples]))  # (B, D)
         retriever_texts = [format_passage(self.config.retriever_format, p) for ps in passage_lists for p in ps]
         passage_emb = self.retriever.embed_passages(*self._retriever_tokens(retriever_texts))  # (B*K, D)
         passage_emb = passage_emb.view(len(examples), k, -1)  # (B, K, D)
         retriever_scores = torch.einsum("bd,bkd->bk", query_emb, passage_emb)  # (B, K)
-        reader_texts = [
-            [format_passage(self.config.encoder_format, p, ex.query) for p in ps]
-            for ex, ps in zip(examples, passage_lists)
-        ]
-        ids, mask = fid.tokenize_passages(self.reader_tokenizer, reader_texts, self.config.text_maxlength)
-        reader_inputs = (ids.to(self.device), mask.to(self.device), labels)
+        if k == self.config.n_context:  # the reader's batch already holds these passages: tokenise them once
+            ids, mask = batch.reader_ids, batch.reader_mask
+        else:
+            ids, mask = self._reader_tokens(examples, passages, k)
+        reader_inputs = (ids, mask, batch.labels)
         loss, gold = retriever_loss(
             self.config.gold_score_mode,
             self.reader,
