@@ -10,6 +10,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 RELATIONS = ("birthplace", "occupation", "founded", "birth_year", "dish")
+LAYOUTS = ("biography", "facts")  # a person's facts in one passage, or one passage per fact
+SECTIONS = {  # section titles of the "facts" layout
+    "birthplace": "Origins",
+    "occupation": "Career",
+    "founded": "Legacy",
+    "birth_year": "Early life",
+    "dish": "Tastes",
+}
 POOL_SIZE = 200  # values per relation; >= 150 so that a closed-book guess is right well under 1% of the time
 
 # Passage sentences: {s}/{s_low} are a subject (full name, first name or pronoun), {p} its possessive.
@@ -163,18 +171,28 @@ def references(person: Person, rng: random.Random, first_sentence: bool) -> dict
     }
 
 
-def biography_text(person: Person, rng: random.Random) -> str:
-    """The facts of one person, one sentence each, in a fixed order and wording.
+def fact_sentence(person: Person, relation: str, rng: random.Random) -> str:
+    """One fact in a fixed wording, with the full name as subject."""
+    value = person.facts[relation]
+    article = "an" if value[0] in "aeiou" else "a"
+    return SENTENCES[relation][0].format(v=value, a=article, **references(person, rng, True))
 
-    A fixed layout lets the demo's reader, trained from scratch in a few minutes, learn to copy answers; the
-    questions still come in several wordings, and which passage to read must still be retrieved.
+
+def person_passages(person: Person, rng: random.Random, layout: str) -> dict[str, dict]:
+    """The passage holding each relation's fact: one biography for all, or one short passage per fact.
+
+    A fixed wording lets the demo's reader, trained from scratch in minutes, learn to copy answers; the questions
+    still come in several wordings. With the "facts" layout the reader copies from a one-sentence passage and which
+    fact to read is the retriever's job: a reader from scratch learns that far faster than picking one sentence out
+    of five (its loss on a gold biography was still that of a closed-book model after 1,500 steps).
     """
-    sentences = []
-    for relation in RELATIONS:
-        value = person.facts[relation]
-        article = "an" if value[0] in "aeiou" else "a"
-        sentences.append(SENTENCES[relation][0].format(v=value, a=article, **references(person, rng, True)))
-    return " ".join(sentences)
+    if layout == "facts":
+        return {
+            r: {"title": person.name, "section": SECTIONS[r], "text": fact_sentence(person, r, rng)} for r in RELATIONS
+        }
+    text = " ".join(fact_sentence(person, r, rng) for r in RELATIONS)
+    biography = {"title": person.name, "section": rng.choice(["Biography", ""]), "text": text}
+    return dict.fromkeys(RELATIONS, biography)
 
 
 def town_passage(town: str, people: list[Person], pools: dict[str, list[str]], rng: random.Random) -> str:
@@ -226,7 +244,7 @@ def distractor_passages(people: list[Person], pools: dict[str, list[str]], rng: 
     return passages
 
 
-def questions_for(person: Person, passage_id: str, rng: random.Random, per_fact: float) -> list[dict]:
+def questions_for(person: Person, gold: dict[str, dict], rng: random.Random, per_fact: float) -> list[dict]:
     """One question per fact, and a second with another template with probability `per_fact - 1`."""
     examples = []
     for relation in RELATIONS:
@@ -236,35 +254,39 @@ def questions_for(person: Person, passage_id: str, rng: random.Random, per_fact:
                 {
                     "question": template.format(n=person.name),
                     "answers": [person.facts[relation]],
-                    "gold_ids": [passage_id],
+                    "gold_ids": [gold[relation]["id"]],
                 }
             )
     return examples
 
 
-def build_world(seed: int, n_entities: int = 1600, n_dev_people: int = 40, train_per_fact: float = 1.0) -> World:
+def build_world(
+    seed: int, n_entities: int = 1600, n_dev_people: int = 40, train_per_fact: float = 1.0, layout: str = "biography"
+) -> World:
     """The whole demo world. Dev questions are about people that no train question mentions.
 
     Each train fact is asked about about once: with many people and few repeats, memorising facts does not pay and a
     reader trained from scratch has to learn to copy answers from the passages it is given.
     """
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, not {layout!r}")
     rng = random.Random(seed)
     people_names, value_names = build_name_makers(rng)
     pools = build_pools(value_names, rng, n_entities)
     people = build_people(people_names, rng, pools, n_entities)
-    biographies = [
-        {"title": p.name, "section": rng.choice(["Biography", ""]), "text": biography_text(p, rng)} for p in people
-    ]
-    passages = biographies + distractor_passages(people, pools, rng)
+    gold = [person_passages(p, rng, layout) for p in people]  # per person: relation -> passage
+    own = [list({id(passage): passage for passage in g.values()}.values()) for g in gold]
+    passages = [passage for ps in own for passage in ps] + distractor_passages(people, pools, rng)
     order = list(range(len(passages)))
     rng.shuffle(order)  # ids must not reveal which passages are biographies
     for new_id, index in enumerate(order):
-        passages[index] = {"id": f"demo-{new_id}", **passages[index]}
+        passages[index]["id"] = f"demo-{new_id}"
     n_dev = max(1, min(n_dev_people, n_entities // 10))
-    world = World(passages=sorted(passages, key=lambda p: int(p["id"].split("-")[1])))
+    key_order = ("id", "title", "section", "text")
+    world = World(passages=sorted(({k: p[k] for k in key_order} for p in passages), key=lambda p: int(p["id"][5:])))
     for i, person in enumerate(people):
         split = world.dev if i < n_dev else world.train  # people are already in random order
-        split.extend(questions_for(person, passages[i]["id"], rng, 1.0 if i < n_dev else train_per_fact))
+        split.extend(questions_for(person, gold[i], rng, 1.0 if i < n_dev else train_per_fact))
     rng.shuffle(world.train)
     for split_name, examples in (("train", world.train), ("dev", world.dev)):
         for j, example in enumerate(examples):

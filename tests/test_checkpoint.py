@@ -59,3 +59,19 @@ def test_tied_checkpoint_loads_into_query_side_training(demo, tmp_path):
     query_params = dict(untied.retriever.query_contriever.named_parameters())
     for name, p in untied.retriever.passage_contriever.named_parameters():
         assert torch.equal(p, query_params[name]) and p.data_ptr() != query_params[name].data_ptr()
+
+
+def test_reader_only_checkpoint_pairs_with_the_pretrained_retriever(demo, tmp_path):
+    """A closed-book run saves no retriever; loading it for retrieval keeps --retriever_model_path's weights."""
+    closed = parse_options([*demo_args(demo, tmp_path), "--name", "closed", "--closed_book"], "train")
+    reader_only = build_model(closed, torch.device("cpu")).model
+    assert reader_only.retriever is None
+    perturb(reader_only)
+    path = save_checkpoint(closed, 3, reader_only, {}, {}, with_optimizer=False)
+
+    fresh = build_model(options(demo, tmp_path), torch.device("cpu")).model
+    loaded = build_model(options(demo, tmp_path, "--model_path", str(path)), torch.device("cpu")).model
+    for name, p in loaded.reader.state_dict().items():
+        assert torch.equal(p, reader_only.reader.state_dict()[name]), name
+    queries = ["who is Ab?"]
+    torch.testing.assert_close(loaded.embed_queries(queries), fresh.embed_queries(queries))

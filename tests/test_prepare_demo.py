@@ -74,6 +74,18 @@ def test_same_seed_gives_identical_files(demo: Path, tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["again"]  # no temporary directory left behind
 
 
+def test_facts_layout_gives_one_passage_per_fact() -> None:
+    facts = demo_world.build_world(0, 40, layout="facts")
+    by_id = {p["id"]: p for p in facts.passages}
+    gold = [by_id[g] for q in facts.train + facts.dev for g in q["gold_ids"]]
+    for question, passage in zip(facts.train + facts.dev, gold):
+        assert question["answers"][0] in passage["text"] and passage["text"].count(".") == 1, passage
+        assert passage["title"] in question["question"] and passage["section"] in demo_world.SECTIONS.values()
+    people = {p["title"] for p in gold}
+    assert len(people) == 40 and len({p["id"] for p in gold}) == 40 * len(demo_world.RELATIONS)
+    assert [p["id"] for p in facts.passages] == [f"demo-{i}" for i in range(len(facts.passages))]
+
+
 def test_other_seed_gives_another_world() -> None:
     first, second = demo_world.build_world(0, 40), demo_world.build_world(1, 40)
     assert first.passages != second.passages and first.dev != second.dev
