@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The offline demo: a world of fictional people (no model can know them without retrieval), a closed-book T5
-# baseline, Atlas trained with query-side retriever training, evaluation. Needs only PyPI packages; about 11 minutes
+# baseline, Atlas trained with query-side retriever training, evaluation. Needs only PyPI packages; about 10 minutes
 # on 2 CPU cores.
 #   bash example_scripts/demo/run.sh [DIR]        (DIR defaults to ./demo_out; DEMO_STEPS overrides 1200 steps)
 set -euo pipefail
