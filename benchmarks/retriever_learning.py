@@ -30,6 +30,8 @@ from pathlib import Path
 
 from bench_common import REPO_ROOT, machine_info
 
+from src.data import read_jsonl as read_rows  # noqa: E402  (bench_common puts the repository on sys.path)
+
 N_PEOPLE = 4000  # people in the world; most only teach the teacher
 N_CORPUS_PEOPLE = 360  # train people whose passages form the retrieval corpus (plus the 40 dev people)
 QUERY_SIDE = "--query_side_retriever_training"
@@ -63,7 +65,7 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
 
 
 def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
+    return [row for _, row in read_rows(str(path))]
 
 
 def split_world(world: Path, data: Path, seed: int = 0) -> dict[str, int]:
@@ -123,13 +125,18 @@ def recall_at_5(out: Path, data: Path, name: str, model_path: Path | None) -> fl
     return metric(stdout, "gold_recall@5")
 
 
+def train_args(out: Path, name: str) -> list[str]:
+    """The train.py flags every run shares: task, run name and directory, reader model and its lengths."""
+    return ["train.py", "--task", "qa", "--name", name, "--checkpoint_dir", str(out / "runs"), *READER,
+            "--reader_model_type", str(out / "world/models/reader")]  # fmt: skip
+
+
 def train_teacher(out: Path, data: Path, steps: tuple[int, int]) -> tuple[Path, float]:
     """Copy from the gold passage alone, then find it among distractors; returns the checkpoint and wall seconds."""
     total = 0.0
     for name, n_context, n_steps, lr, start in (("teacher_copy", 1, steps[0], "1e-3", None), ("teacher", 4, steps[1],
                                                 "5e-4", out / "runs/teacher_copy/checkpoint/latest")):  # fmt: skip
-        args = ["train.py", "--task", "qa", "--name", name, "--checkpoint_dir", str(out / "runs"), *READER]
-        args += ["--reader_model_type", str(out / "world/models/reader"), "--use_file_passages"]
+        args = [*train_args(out, name), "--use_file_passages"]
         args += ["--train_data", str(data / "teacher_train.jsonl"), "--eval_data", str(data / "teacher_dev.jsonl")]
         args += ["--n_context", str(n_context), "--per_gpu_batch_size", "16", "--total_steps", str(n_steps)]
         args += ["--warmup_steps", "20", "--lr", lr, "--scheduler", "linear", "--weight_decay", "0.01"]
@@ -149,8 +156,7 @@ def teacher_exact_match(out: Path) -> float:
 def train_retriever(out: Path, data: Path, name: str, teacher: Path | None, steps: int, opts: argparse.Namespace):
     mode, extra, _ = RUNS[name]
     shutil.rmtree(out / "runs" / name, ignore_errors=True)  # else train.py would resume an earlier run of this name
-    args = ["train.py", "--task", "qa", "--name", name, "--checkpoint_dir", str(out / "runs"), *READER]
-    args += ["--reader_model_type", str(out / "world/models/reader"), "--passages", str(data / "corpus.jsonl")]
+    args = [*train_args(out, name), "--passages", str(data / "corpus.jsonl")]
     args += ["--retriever_model_path", str(out / "world/models/retriever"), "--train_data", str(data / "train.jsonl")]
     args += ["--train_retriever", "--gold_score_mode", mode, "--n_context", "1"]
     args += ["--retriever_n_context", str(opts.retriever_n_context), "--per_gpu_batch_size", str(opts.batch_size)]
