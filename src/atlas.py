@@ -33,6 +33,7 @@ class AtlasConfig:
     temperature_gold: float = 0.01
     temperature_score: float = 0.01
     kl_reduction: str = "mean"
+    emdr_mixture: str = "token"
     compute_crossattention_stats: bool = False
     filtering_overretrieve_ratio: int = 2
     retrieve_with_rerank: bool = False
@@ -236,6 +237,7 @@ class Atlas(nn.Module):
             self.config.temperature_score,
             self.config.temperature_gold,
             self.config.kl_reduction,
+            self.config.emdr_mixture,
         )
         out = {"retriever_loss": loss}
         if self.config.compute_crossattention_stats:

@@ -5,8 +5,10 @@ Every target is computed with the reader in eval mode and without gradients. Mod
 - evalnormsum (ADist): decoder cross-attention probability x value norm, summed over layers, target tokens and the
   passage's tokens (the original crashed here with a KeyError; this is the score it meant to use);
 - loop (LOOP): the reader's loss on the target when the passage is masked out of the cross-attention;
-- emdr (EMDR): not a KL target: the per-token mixture likelihood sum_k p(d_k|q) p_k(token), as the original. The
-  default --temperature_gold 0.01 sharpens the reader's logits x100 in this mode; use 1.0 to match EMDR's maths.
+- emdr (EMDR): not a KL target: the mixture likelihood over the passages. The original mixes per target token,
+  sum_k p(d_k|q) p_k(token) (`--emdr_mixture token`, the default); EMDR^2 in the papers mixes whole targets,
+  sum_k p(d_k|q) prod_t p_k(token_t) (`sequence`). The default --temperature_gold 0.01 sharpens the reader's
+  logits x100 in this mode; use 1.0 to match EMDR's maths.
 """
 
 import math
@@ -145,14 +147,21 @@ def emdr_loss(
     dim: int,
     temperature_score: float,
     temperature_gold: float,
+    mixture: str = "token",
 ) -> torch.Tensor:
-    """-sum_t log sum_k p(d_k|q) p_k(y_t) / #tokens, with p_k from each passage alone (no reader gradient)."""
+    """Negative log mixture likelihood of the target, with p_k from each passage alone (no reader gradient).
+
+    token:    -sum_t log sum_k p(d_k|q) p_k(y_t) / #tokens (the original);
+    sequence: -sum_b log sum_k p(d_k|q) prod_t p_k(y_t) / B (EMDR^2).
+    """
     with eval_mode(model):
         token_ll = _single_passage_token_ll(model, input_ids, attention_mask, labels, temperature_gold)  # (B, K, T)
     log_prior = F.log_softmax(retriever_scores.float() / math.sqrt(dim) / temperature_score, dim=-1)  # (B, K)
-    mixture = torch.logsumexp(token_ll + log_prior.unsqueeze(-1), dim=1)  # (B, T)
+    if mixture == "sequence":  # padded labels contribute 0 to the sum
+        return -torch.logsumexp(token_ll.sum(dim=-1) + log_prior, dim=1).mean()
+    per_token = torch.logsumexp(token_ll + log_prior.unsqueeze(-1), dim=1)  # (B, T)
     target_mask = (labels != -100).float()
-    return -(mixture * target_mask).sum() / target_mask.sum().clamp(min=1)
+    return -(per_token * target_mask).sum() / target_mask.sum().clamp(min=1)
 
 
 def retriever_loss(
@@ -164,10 +173,12 @@ def retriever_loss(
     temperature_score: float,
     temperature_gold: float,
     reduction: str = "mean",
+    emdr_mixture: str = "token",
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(loss, gold scores or None for emdr) for the mode; reader_inputs = (ids (B,K,L), mask (B,K,L), labels (B,T))."""
     if mode == "emdr":
-        return emdr_loss(model, *reader_inputs, retriever_scores, dim, temperature_score, temperature_gold), None
+        temperatures = (temperature_score, temperature_gold)
+        return emdr_loss(model, *reader_inputs, retriever_scores, dim, *temperatures, emdr_mixture), None
     gold = GOLD_SCORE_FNS[mode](model, *reader_inputs)  # (B, K)
     loss = kl_retriever_loss(retriever_scores, gold, dim, temperature_score, temperature_gold, reduction)
     return loss, gold

@@ -147,6 +147,13 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
         choices=["mean", "batchmean"],
         help="(addition) KL loss reduction; mean: original (divides by B*K)",
     )
+    g.add_argument(
+        "--emdr_mixture",
+        type=str,
+        default="token",
+        choices=["token", "sequence"],
+        help="(addition) emdr: mix passages per target token (original) or over the whole target (EMDR^2, paper)",
+    )
 
 
 def _add_format_flags(p: argparse.ArgumentParser) -> None:

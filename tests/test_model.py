@@ -192,3 +192,23 @@ def test_emdr_loss_is_the_per_token_mixture(t5):
                 p += prior[b, k] * torch.softmax(logits.logits[0, t] / 2.0, -1)[labels[b, t]]
             total += -torch.log(p)
     assert math.isclose(loss.item(), (total / 8).item(), rel_tol=1e-5)
+
+
+def test_emdr_sequence_mixture_mixes_whole_targets(t5):
+    ids, mask, labels = random_batch(B=2, K=3, L=5, T=4)
+    labels[1, 3] = -100  # a padded target position takes no part
+    retriever_scores = torch.randn(2, 3)
+    loss = emdr_loss(t5, ids, mask, labels, retriever_scores, 16, 0.5, 2.0, mixture="sequence")
+    prior = torch.softmax(retriever_scores / 4.0 / 0.5, dim=-1)  # (B, K)
+    total = 0.0
+    for b in range(2):
+        likelihood = 0.0
+        for k in range(3):
+            logits = t5(input_ids=ids[b : b + 1, k], attention_mask=mask[b : b + 1, k], labels=labels[b : b + 1])
+            p_target = 1.0
+            for t in range(4):
+                if labels[b, t] != -100:
+                    p_target = p_target * torch.softmax(logits.logits[0, t] / 2.0, -1)[labels[b, t]]
+            likelihood += prior[b, k] * p_target
+        total += -torch.log(likelihood)
+    assert math.isclose(loss.item(), (total / 2).item(), rel_tol=1e-5)

@@ -39,7 +39,7 @@ epsilon alpha beta2 refresh_index shuffle precision shard_optim shard_grads use_
 use_gradient_checkpoint_retriever
 """
 SEED_FLAGS = _SEED_FLAG_TEXT.split()
-NEW_FLAGS = ["faiss_nprobe", "uncentered_layernorm", "kl_reduction", "passage_store_dir"]
+NEW_FLAGS = ["faiss_nprobe", "uncentered_layernorm", "kl_reduction", "emdr_mixture", "passage_store_dir"]
 DATA = ["--train_data", "t.jsonl", "--eval_data", "e.jsonl"]  # train.py and evaluate.py need data files
 BASE = ["--reader_model_type", "t5-small", "--passages", "p.jsonl", *DATA]
 MODES = ["train", "evaluate"]
@@ -136,6 +136,7 @@ def test_seed_readme_usage_flags_all_defined() -> None:
         ("precision", "fp32"),
         ("target_maxlength", None),
         ("kl_reduction", "mean"),
+        ("emdr_mixture", "token"),
         ("faiss_nprobe", None),
         ("passage_store_dir", None),
         ("uncentered_layernorm", False),
@@ -257,6 +258,7 @@ T5 = ["--reader_model_type", "t5-small"]
         ("train", BASE + ["--refresh_index", "0"], "--refresh_index"),
         ("train", BASE + ["--gold_score_mode", "std"], "--gold_score_mode"),
         ("train", BASE + ["--kl_reduction", "sum"], "--kl_reduction"),
+        ("train", BASE + ["--emdr_mixture", "passage"], "--emdr_mixture"),
         ("train", BASE + ["--faiss_index_type", "hnsw"], "--faiss_index_type"),
     ],
 )

@@ -9,6 +9,7 @@ from src.atlas import format_passage
 from src.checkpoint import build_model
 from src.data import load_instances, training_batches
 from src.distributed import World
+from src.gold_scores import emdr_loss
 from src.options import parse_options
 from src.run import build_index, refresh_index
 from src.tasks import Example, build_task
@@ -114,3 +115,20 @@ def test_each_gold_mode_trains_and_logs_attention_correlation(setup, mode):
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.retriever.parameters())
     frozen = model(examples, passages, train_retriever=False)
     assert set(frozen) == {"reader_loss", "loss"}
+
+
+def test_emdr_mixture_flag_reaches_the_loss(setup):
+    examples = [Example("question: where was he born? answer: <extra_id_0>", "<extra_id_0> Paris", ["Paris"])] * 2
+    losses = {}
+    for mixture in ("token", "sequence"):
+        _, model, index = setup("--gold_score_mode", "emdr", "--temperature_gold", "1", "--emdr_mixture", mixture)
+        model.eval()  # no dropout: the same retriever scores for both runs
+        passages, _ = model.retrieve(index, examples, 3)
+        batch = model.batch(examples, passages)
+        losses[mixture] = model.retriever_loss(examples, passages, batch)["retriever_loss"]
+        scores = model.rescore(model.embed_queries([ex.query for ex in examples]), passages)  # (B, K=3)
+        ids, mask = model._reader_tokens(examples, passages, 3)
+        expected = emdr_loss(model.reader, ids, mask, batch.labels, scores, model.retriever.dim,
+                             model.config.temperature_score, 1.0, mixture)  # fmt: skip
+        torch.testing.assert_close(losses[mixture], expected)
+    assert not torch.isclose(losses["token"], losses["sequence"])
