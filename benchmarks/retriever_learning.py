@@ -35,21 +35,20 @@ from src.data import read_jsonl as read_rows  # noqa: E402  (bench_common puts t
 N_PEOPLE = 4000  # people in the world; most only teach the teacher
 N_CORPUS_PEOPLE = 360  # train people whose passages form the retrieval corpus (plus the 40 dev people)
 QUERY_SIDE = "--query_side_retriever_training"
+FROZEN_READER = [QUERY_SIDE, "--lr", "0"]
+SEQUENCE = ["--emdr_mixture", "sequence"]
 RUNS = {  # name: (gold score mode, extra train.py flags, teacher, steps)
     "ppmean-query": ("ppmean", [QUERY_SIDE], "teacher", 200),
     # evalnormsum scores are attention sums / (256 * layers * tokens): their spread over the passages is ~1,000x
     # smaller than that of ppmean's log-likelihoods, so tau_gold must be that much smaller (0.0002 did worse)
-    "evalnormsum-query": ("evalnormsum", [QUERY_SIDE, "--temperature_gold", "0.001"], "teacher", 500),
+    "evalnormsum-query": ("evalnormsum", [QUERY_SIDE, "--temperature_gold", "0.001"], "teacher", 200),
     "loop-query": ("loop", [QUERY_SIDE], "teacher", 200),
-    # EMDR's maths has no gold temperature (1.0); it sits at its start for ~250 steps before it takes off
-    "emdr-query": ("emdr", [QUERY_SIDE, "--temperature_gold", "1.0"], "teacher", 500),
+    # EMDR's maths has no gold temperature (1.0). It sits at its start for ~250 steps before it takes off, and by then
+    # a reader that trains (a second epoch over the train questions) has learnt their answers and no longer teaches:
+    # the reader is frozen (--lr 0) in these runs
+    "emdr-query": ("emdr", [*FROZEN_READER, "--temperature_gold", "1.0"], "teacher", 500),
     # the papers' EMDR^2 mixes whole targets, not tokens (--emdr_mixture, an addition)
-    "emdr-sequence-query": (
-        "emdr",
-        [QUERY_SIDE, "--temperature_gold", "1.0", "--emdr_mixture", "sequence"],
-        "teacher",
-        500,
-    ),
+    "emdr-sequence-query": ("emdr", [*FROZEN_READER, "--temperature_gold", "1.0", *SEQUENCE], "teacher", 500),
     "ppmean-full-refresh": ("ppmean", ["--refresh_index", "50"], "teacher", 200),
     "control-untrained-reader": ("ppmean", [QUERY_SIDE], "untrained", 200),
 }
