@@ -1,6 +1,6 @@
 """When does each retriever loss start to teach? Dev recall@5 every few steps of query-side retriever training.
 
-    python benchmarks/retriever_dynamics.py [--out DIR] [--losses ppmean emdr emdr-sequence] [--steps 500]
+    python benchmarks/retriever_dynamics.py [--out DIR] [--losses ppmean emdr emdr-sequence ...] [--steps 500]
 
 Needs the world, data and teacher of `benchmarks/retriever_learning.py` (run it first, same --out). A lean loop
 around the library's own losses (`src.gold_scores.retriever_loss`): the teacher reader is frozen, the passage
@@ -30,6 +30,8 @@ from src.training import lr_lambda
 
 LOSSES = {  # name: (gold score mode, tau_gold, emdr mixture)
     "ppmean": ("ppmean", 0.1, "token"),
+    "loop": ("loop", 0.1, "token"),
+    "evalnormsum": ("evalnormsum", 0.001, "token"),
     "emdr": ("emdr", 1.0, "token"),
     "emdr-sequence": ("emdr", 1.0, "sequence"),
 }
@@ -111,7 +113,7 @@ def run(setup: Setup, name: str, opts: argparse.Namespace) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=Path("/tmp/atlas_bench/retriever_learning"))
-    parser.add_argument("--losses", nargs="+", choices=list(LOSSES), default=list(LOSSES))
+    parser.add_argument("--losses", nargs="+", choices=list(LOSSES), default=["ppmean", "emdr", "emdr-sequence"])
     parser.add_argument("--steps", type=int, default=500)
     parser.add_argument("--every", type=int, default=25, help="evaluate dev recall@5 every N steps")
     parser.add_argument("--k", type=int, default=50, help="passages per question (--retriever_n_context)")
