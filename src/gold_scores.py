@@ -177,8 +177,10 @@ def retriever_loss(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(loss, gold scores or None for emdr) for the mode; reader_inputs = (ids (B,K,L), mask (B,K,L), labels (B,T))."""
     if mode == "emdr":
-        temperatures = (temperature_score, temperature_gold)
-        return emdr_loss(model, *reader_inputs, retriever_scores, dim, *temperatures, emdr_mixture), None
+        loss = emdr_loss(
+            model, *reader_inputs, retriever_scores, dim, temperature_score, temperature_gold, emdr_mixture
+        )
+        return loss, None
     gold = GOLD_SCORE_FNS[mode](model, *reader_inputs)  # (B, K)
     loss = kl_retriever_loss(retriever_scores, gold, dim, temperature_score, temperature_gold, reduction)
     return loss, gold
