@@ -13,19 +13,19 @@ What train.py adds (reader training, clipping, checkpoints, the distributed inde
 from __future__ import annotations
 
 import argparse
-import math
 import time
 from pathlib import Path
 
 import torch
 from bench_common import machine_info
+from retriever_learning import read_jsonl as rows
 from transformers import T5Config
 
 from src import reader as fid
 from src import retriever as contriever
-from src.atlas import format_passage
-from src.data import read_jsonl
+from src.atlas import AtlasConfig, format_passage
 from src.gold_scores import retriever_loss
+from src.tasks.qa import Task as QATask
 from src.training import lr_lambda
 
 LOSSES = {  # name: (gold score mode, tau_gold, emdr mixture)
@@ -35,13 +35,8 @@ LOSSES = {  # name: (gold score mode, tau_gold, emdr mixture)
     "emdr": ("emdr", 1.0, "token"),
     "emdr-sequence": ("emdr", 1.0, "sequence"),
 }
-QUERY = "question: {question} answer: <extra_id_0>"
-ENCODER = "{query} title: {title} context: {text}"
-RETRIEVER = "{title} {text}"
-
-
-def rows(path: Path) -> list[dict]:
-    return [row for _, row in read_jsonl(str(path))]
+QUERY = QATask().prompt_format  # the flags' defaults, as retriever_learning.py runs train.py
+ENCODER, RETRIEVER = AtlasConfig.encoder_format, AtlasConfig.retriever_format
 
 
 class Setup:
@@ -107,7 +102,6 @@ def run(setup: Setup, name: str, opts: argparse.Namespace) -> None:
         if step % opts.every == 0:
             elapsed = time.perf_counter() - start
             print(f"{name}: step {step} recall@5 {setup.recall_at_5(encoder):.1f} ({elapsed:.0f} s)", flush=True)
-    assert math.isfinite(loss.item())
 
 
 def main() -> None:
