@@ -42,11 +42,12 @@ ENCODER, RETRIEVER = AtlasConfig.encoder_format, AtlasConfig.retriever_format
 class Setup:
     """The teacher, the initial retriever and the corpus embedded once by the frozen passage encoder."""
 
-    def __init__(self, out: Path) -> None:
+    def __init__(self, out: Path, teacher: Path | None = None) -> None:
         models = out / "world/models"
         self.reader_tok = fid.load_reader_tokenizer(str(models / "reader"))
         self.reader = fid.reader_from_config(T5Config.from_pretrained(models / "reader", dropout_rate=0.0))
-        state = torch.load(out / "runs/teacher/checkpoint/latest/model.pth.tar", weights_only=True)["model"]
+        teacher = teacher or out / "runs/teacher/checkpoint/latest"
+        state = torch.load(teacher / "model.pth.tar", weights_only=True)["model"]
         self.reader.load_state_dict({k[len("reader.") :]: v for k, v in state.items() if k.startswith("reader.")})
         self.reader.eval()
         self.retriever_path = str(models / "retriever")

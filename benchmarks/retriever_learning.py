@@ -6,7 +6,7 @@ The world is the offline demo's, with one passage per fact (preprocessing/prepar
 retriever starts as the demo's random tiny BERT: it retrieves the gold passage for ~3% of dev questions at k=5.
 1. A teacher reader (T5 from scratch) learns to read on questions about people whose passages are *not* in the
    retrieval corpus (train.py --use_file_passages): first to copy from the gold passage alone (1,200 steps), then
-   to find it among three distractors (600 steps; from scratch, that takes far longer). It must not know the
+   to find it among three distractors (3,000 steps; from scratch, that takes far longer). It must not know the
    corpus people's facts: a reader that already knows the answer scores every passage alike.
 2. Each run trains the retriever from that teacher (train.py --model_path TEACHER --train_retriever) on questions
    about the corpus people, retrieving --retriever_n_context passages per question from their 2,000 fact passages.
@@ -40,8 +40,9 @@ SEQUENCE = ["--emdr_mixture", "sequence"]
 RUNS = {  # name: (gold score mode, extra train.py flags, teacher, steps)
     "ppmean-query": ("ppmean", [QUERY_SIDE], "teacher", 200),
     # evalnormsum scores are attention sums / (256 * layers * tokens): their spread over the passages is ~1,000x
-    # smaller than that of ppmean's log-likelihoods, so tau_gold must be that much smaller (0.0002 did worse)
-    "evalnormsum-query": ("evalnormsum", [QUERY_SIDE, "--temperature_gold", "0.001"], "teacher", 200),
+    # smaller than that of ppmean's log-likelihoods, so tau_gold must be that much smaller. Like EMDR it starts late
+    # (~150 steps), so it gets 500 steps with the reader frozen (see below)
+    "evalnormsum-query": ("evalnormsum", [*FROZEN_READER, "--temperature_gold", "0.001"], "teacher", 500),
     "loop-query": ("loop", [QUERY_SIDE], "teacher", 200),
     # EMDR's maths has no gold temperature (1.0). It sits at its start for ~250 steps before it takes off, and by then
     # a reader that trains (a second epoch over the train questions) has learnt their answers and no longer teaches:
@@ -181,7 +182,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("/tmp/atlas_bench/retriever_learning"))
     parser.add_argument("--runs", nargs="+", choices=list(RUNS), default=list(RUNS))
     parser.add_argument("--steps", type=int, default=None, help="steps of every run (default: per run)")
-    parser.add_argument("--teacher_steps", type=int, nargs=2, default=(1200, 600), help="copy, then select")
+    parser.add_argument("--teacher_steps", type=int, nargs=2, default=(1200, 3000), help="copy, then select")
     parser.add_argument("--retriever_n_context", type=int, default=50)
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--lr", type=float, default=1e-5, help="reader lr while the retriever trains")
