@@ -22,14 +22,14 @@ from pathlib import Path
 
 import torch
 from bench_common import machine_info
-from retriever_dynamics import ENCODER, QUERY, Setup
+from retriever_dynamics import ENCODER, LOSSES, QUERY, Setup
 
 from src import reader as fid
 from src import retriever as contriever
 from src.atlas import format_passage
 from src.gold_scores import GOLD_SCORE_FNS
 
-MODES = {"ppmean": 0.1, "evalnormsum": 0.001}  # mode: tau_gold of benchmarks/retriever_learning.py
+MODES = {mode: LOSSES[mode][1] for mode in ("ppmean", "evalnormsum")}  # mode: the benchmarks' tau_gold
 
 
 def reader_inputs(setup: Setup, batch: list[dict], passages: list[list[dict]]) -> tuple[torch.Tensor, ...]:
