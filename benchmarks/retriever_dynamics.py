@@ -58,6 +58,14 @@ class Setup:
         self.passage_emb = self.embed(contriever.load_encoder(self.retriever_path),
                                       [format_passage(RETRIEVER, p) for p in self.corpus])  # fmt: skip
 
+    def reader_inputs(self, batch: list[dict], passages: list[list[dict]]) -> tuple[torch.Tensor, ...]:
+        """The teacher's (ids, mask, labels) for questions and their passages, formatted as train.py does."""
+        texts = [[format_passage(ENCODER, p, QUERY.format(question=e["question"])) for p in ps]
+                 for e, ps in zip(batch, passages)]  # fmt: skip
+        ids, mask = fid.tokenize_passages(self.reader_tok, texts, 64)
+        labels = fid.tokenize_targets(self.reader_tok, [f"<extra_id_0> {e['answers'][0]}" for e in batch], 16)
+        return ids, mask, labels
+
     def tokens(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         enc = self.retriever_tok(texts, truncation=True, padding="longest", return_tensors="pt")
         return enc.input_ids, enc.attention_mask
@@ -91,11 +99,9 @@ def run(setup: Setup, name: str, opts: argparse.Namespace) -> None:
             top = (setup.embed(encoder, queries) @ setup.passage_emb.T).topk(opts.k, dim=1).indices  # (B, K)
         encoder.train()
         scores = torch.einsum("bd,bkd->bk", contriever.encode(encoder, *setup.tokens(queries)), setup.passage_emb[top])
-        texts = [[format_passage(ENCODER, setup.corpus[j], q) for j in ids.tolist()] for q, ids in zip(queries, top)]
-        ids, mask = fid.tokenize_passages(setup.reader_tok, texts, 64)
-        labels = fid.tokenize_targets(setup.reader_tok, [f"<extra_id_0> {e['answers'][0]}" for e in batch], 16)
-        loss, _ = retriever_loss(mode, setup.reader, (ids, mask, labels), scores, dim, opts.temperature_score,
-                                 tau_gold, "mean", mixture)  # fmt: skip
+        inputs = setup.reader_inputs(batch, [[setup.corpus[j] for j in ids] for ids in top.tolist()])
+        loss, _ = retriever_loss(mode, setup.reader, inputs, scores, dim, opts.temperature_score, tau_gold, "mean",
+                                 mixture)  # fmt: skip
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

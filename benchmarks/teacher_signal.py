@@ -22,22 +22,12 @@ from pathlib import Path
 
 import torch
 from bench_common import machine_info
-from retriever_dynamics import ENCODER, LOSSES, QUERY, Setup
+from retriever_dynamics import LOSSES, QUERY, Setup
 
-from src import reader as fid
 from src import retriever as contriever
-from src.atlas import format_passage
 from src.gold_scores import GOLD_SCORE_FNS
 
 MODES = {mode: LOSSES[mode][1] for mode in ("ppmean", "evalnormsum")}  # mode: the benchmarks' tau_gold
-
-
-def reader_inputs(setup: Setup, batch: list[dict], passages: list[list[dict]]) -> tuple[torch.Tensor, ...]:
-    texts = [[format_passage(ENCODER, p, QUERY.format(question=e["question"])) for p in ps]
-             for e, ps in zip(batch, passages)]  # fmt: skip
-    ids, mask = fid.tokenize_passages(setup.reader_tok, texts, 64)
-    labels = fid.tokenize_targets(setup.reader_tok, [f"<extra_id_0> {e['answers'][0]}" for e in batch], 16)
-    return ids, mask, labels
 
 
 def measure(setup: Setup, questions: list[dict], rng: random.Random, batch_size: int = 8) -> dict[str, list[float]]:
@@ -60,7 +50,7 @@ def measure(setup: Setup, questions: list[dict], rng: random.Random, batch_size:
         absent = is_gold.sum(dim=1) == 0
         kind_share += same_kind[absent].mean(dim=1).sum().item()
         absent_count += int(absent.sum())
-        among_random, among_top = reader_inputs(setup, batch, random_sets), reader_inputs(setup, batch, candidates)
+        among_random, among_top = setup.reader_inputs(batch, random_sets), setup.reader_inputs(batch, candidates)
         for mode, tau in MODES.items():
             first[mode] += int((GOLD_SCORE_FNS[mode](setup.reader, *among_random).argmax(dim=1) == 0).sum())
             target = torch.softmax(GOLD_SCORE_FNS[mode](setup.reader, *among_top) / tau, dim=-1)
@@ -88,7 +78,7 @@ def main() -> None:
           f"{'same kind (gold absent)':>23}")  # fmt: skip
     for teacher, label in zip(teachers, labels):
         setup = Setup(opts.out, teacher)
-        questions = random.Random(0).sample(setup.train, opts.questions)
+        questions = random.Random(0).sample(setup.train, min(opts.questions, len(setup.train)))
         for mode, (first, gold, kind, share) in measure(setup, questions, random.Random(1)).items():
             print(f"{label:<{width}} {mode:<12} {first:>13.0f}% {gold:>17.3f} {kind:>14.3f} (share {share:.3f})")
 
