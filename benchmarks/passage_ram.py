@@ -4,11 +4,11 @@
 
 Writes ``--n`` synthetic passages (id, title, section, ~100 words of Zipf-distributed random words) as jsonl and
 seeded random embeddings, then saves them twice:
-  ours:     PassageStore.build + DistributedIndex.save(n_shards=--shards), with fp32 shards (the default save on
+  ours:     PassageStore.build + save_index(n_shards=--shards), with fp32 shards (the default save on
             CPU) and with fp16 shards;
   original: ``--shards`` pickle files of lists of passage dicts (``passages.{i}.pt``) + torch.save'd fp16 (d, n_i)
             tensors (``embeddings.{i}.pt``), the original Atlas layout.
-Each is loaded in a fresh subprocess (ours: ``DistributedIndex.load``; original: pickle.load every file, a dict
+Each is loaded in a fresh subprocess (ours: ``load_index``; original: pickle.load every file, a dict
 local index -> passage, torch.cat of the embeddings) measuring load time and the VmRSS increase. Files are warm in
 the page cache for both. Everything is written under a temporary directory in ``--tmp`` and deleted at the end.
 """
@@ -76,13 +76,13 @@ def write_corpus(path: str, n: int, seed: int = 0) -> int:
 def save_ours(store_dir: str, directory: str, embeddings: torch.Tensor, shards: int, dtype: str) -> float:
     """Save a flat index of ``shards`` ``dtype`` shards over the store at ``store_dir``; return seconds."""
     from src.distributed import World
-    from src.index import DistributedIndex
+    from src.index import DistributedIndex, save_index
     from src.passages import PassageStore
 
     started = time.perf_counter()
     index = DistributedIndex(PassageStore.open(store_dir), embeddings.shape[1], World(0, 0, 1, torch.device("cpu")))
     index.set_embeddings(embeddings)
-    index.save(directory, n_shards=shards, dtype=dtype)
+    save_index(index, directory, n_shards=shards, dtype=dtype)
     return time.perf_counter() - started
 
 
@@ -108,15 +108,15 @@ def child(kind: str, directory: str, shards: int) -> None:
 
     if kind == "ours":
         from src.distributed import World
-        from src.index import DistributedIndex
+        from src.index import load_index
 
         world = World(0, 0, 1, torch.device("cpu"))
     gc.collect()
     rss0, _ = rss_bytes()
     started = time.perf_counter()
     if kind == "ours":
-        index = DistributedIndex.load(directory, world)
-        embedding_bytes = index._embeddings.nelement() * index._embeddings.element_size()  # private: measuring it
+        index = load_index(directory, world)
+        embedding_bytes = index.local_embeddings.nelement() * index.local_embeddings.element_size()
         lookup, n_passages = index.store.get, len(index)
     else:  # the original's load_index: every pickle, a dict local id -> passage, torch.cat of fp16 (d, n_i) tensors
         passages, embeddings = [], []

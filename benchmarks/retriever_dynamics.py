@@ -23,8 +23,11 @@ from transformers import T5Config
 
 from src import reader as fid
 from src import retriever as contriever
-from src.atlas import AtlasConfig, format_passage
+from src.batching import Tokenizers, reader_tokens, target_tokens
+from src.config import AtlasConfig
 from src.gold_scores import retriever_loss
+from src.passages import format_passage
+from src.tasks import Example
 from src.tasks.qa import Task as QATask
 from src.training import lr_lambda
 
@@ -36,7 +39,7 @@ LOSSES = {  # name: (gold score mode, tau_gold, emdr mixture)
     "emdr-sequence": ("emdr", 1.0, "sequence"),
 }
 QUERY = QATask().prompt_format  # the flags' defaults, as retriever_learning.py runs train.py
-ENCODER, RETRIEVER = AtlasConfig.encoder_format, AtlasConfig.retriever_format
+RETRIEVER = AtlasConfig.retriever_format
 
 
 class Setup:
@@ -60,11 +63,10 @@ class Setup:
 
     def reader_inputs(self, batch: list[dict], passages: list[list[dict]]) -> tuple[torch.Tensor, ...]:
         """The teacher's (ids, mask, labels) for questions and their passages, formatted as train.py does."""
-        texts = [[format_passage(ENCODER, p, QUERY.format(question=e["question"])) for p in ps]
-                 for e, ps in zip(batch, passages)]  # fmt: skip
-        ids, mask = fid.tokenize_passages(self.reader_tok, texts, 64)
-        labels = fid.tokenize_targets(self.reader_tok, [f"<extra_id_0> {e['answers'][0]}" for e in batch], 16)
-        return ids, mask, labels
+        tokenizers, cfg = Tokenizers(self.reader_tok, None), AtlasConfig(text_maxlength=64)
+        examples = [Example(QUERY.format(question=e["question"]), f"<extra_id_0> {e['answers'][0]}", []) for e in batch]
+        ids, mask = reader_tokens(tokenizers, examples, passages, len(passages[0]), cfg)
+        return ids, mask, target_tokens(tokenizers, [ex.target for ex in examples], 16)
 
     def tokens(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         enc = self.retriever_tok(texts, truncation=True, padding="longest", return_tensors="pt")
@@ -85,6 +87,8 @@ class Setup:
 
 def run(setup: Setup, name: str, opts: argparse.Namespace) -> None:
     mode, tau_gold, mixture = LOSSES[name]
+    if mode == "evalnormsum":  # attention probabilities: as the model factory builds the reader for this mode
+        setup.reader.set_attn_implementation("eager")
     torch.manual_seed(0)
     encoder = contriever.load_encoder(setup.retriever_path)
     optimizer = torch.optim.AdamW(encoder.parameters(), lr=opts.lr_retriever, weight_decay=0.1, eps=1e-6)

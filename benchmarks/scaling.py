@@ -36,7 +36,7 @@ def worker(store_dir: str, out_dir: str, dim: int, batch: int, k: int, repeats: 
     """One rank: load its rows, time `search` on its share of the global batch, write times and result rows."""
     torch.set_num_threads(threads)
     from src import distributed as dist
-    from src.index import DistributedIndex, io
+    from src.index import DistributedIndex, block_ranges
     from src.index.flat import exact_topk
     from src.passages import PassageStore
 
@@ -45,7 +45,7 @@ def worker(store_dir: str, out_dir: str, dim: int, batch: int, k: int, repeats: 
         index = DistributedIndex(PassageStore.open(store_dir), dim, world)
         index.set_embeddings(seeded_rows(index.local_rows.start, index.local_rows.stop, dim))
         all_queries = torch.randn((batch, dim), generator=torch.Generator().manual_seed(1234))  # (B, d) global
-        lo, hi = io.block_ranges(batch, world.world_size)[world.rank]
+        lo, hi = block_ranges(batch, world.world_size)[world.rank]
         mine = all_queries[lo:hi]  # this rank's queries
         index.search(mine, k)  # warm-up
         search_times, local_times = [], []
@@ -56,7 +56,7 @@ def worker(store_dir: str, out_dir: str, dim: int, batch: int, k: int, repeats: 
             search_times.append(time.perf_counter() - started)
             dist.barrier()
             started = time.perf_counter()  # the local part alone: every query against this rank's rows
-            exact_topk(index._embeddings, all_queries, k, index.local_rows.start)  # private: timing the local part
+            exact_topk(index.local_embeddings, all_queries, k, index.local_rows.start)  # the local part alone
             local_times.append(time.perf_counter() - started)
         slowest = torch.tensor([search_times, local_times], dtype=torch.float64)  # (2, repeats)
         if dist.is_distributed():

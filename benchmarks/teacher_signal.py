@@ -33,6 +33,7 @@ MODES = {mode: LOSSES[mode][1] for mode in ("ppmean", "evalnormsum")}  # mode: t
 def measure(setup: Setup, questions: list[dict], rng: random.Random, batch_size: int = 8) -> dict[str, list[float]]:
     """Per mode: [% gold first among 20, target mass on gold in the top-50, same-kind mass where absent, share]."""
     encoder = contriever.load_encoder(setup.retriever_path)
+    setup.reader.set_attn_implementation("eager")  # evalnormsum reads attention probabilities
     first = {mode: 0 for mode in MODES}
     on_gold = {mode: 0.0 for mode in MODES}
     on_kind = {mode: 0.0 for mode in MODES}

@@ -1,8 +1,12 @@
-"""Process-group setup and the few collectives the project uses.
+"""Process-group setup and the few collectives the project uses: the only module that calls torch.distributed.
 
 `init_distributed` reads the launcher's environment (torchrun, then SLURM, else one plain process) and returns a
 `World`. Every helper here is a no-op (or the identity) when no process group is initialised, so single-process code
 runs the same code path as multi-process code.
+
+One rule for devices: every tensor a collective sends or receives is on `communication_device()` (the current CUDA
+device under NCCL, which accepts nothing else; the CPU under gloo). The helpers move payloads there and give results
+back on the caller's device, so callers pass tensors from wherever they live.
 """
 
 from __future__ import annotations
@@ -124,12 +128,11 @@ def destroy_distributed() -> None:
         dist.destroy_process_group()
 
 
-def get_rank() -> int:
-    return dist.get_rank() if is_distributed() else 0
-
-
-def get_world_size() -> int:
-    return dist.get_world_size() if is_distributed() else 1
+def communication_device() -> torch.device:
+    """Where collective payloads live: the current CUDA device for an NCCL group, else the CPU."""
+    if is_distributed() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def barrier() -> None:
@@ -141,21 +144,20 @@ def barrier() -> None:
 def all_gather_varsize(t: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
     """Concatenate every rank's ``t`` along dim 0 (ranks may hold 0 rows); also return the row count per rank.
 
-    gloo's all_gather needs equal shapes, so every rank pads to the largest size and the padding is trimmed.
+    all_gather needs equal shapes, so every rank pads to the largest size and the padding is trimmed.
     """
     if not is_distributed():
         return t, [t.shape[0]]
-    world_size = dist.get_world_size()
-    size = torch.tensor([t.shape[0]], dtype=torch.int64, device=t.device)
+    world_size, device = dist.get_world_size(), communication_device()
+    size = torch.tensor([t.shape[0]], dtype=torch.int64, device=device)
     sizes_t = [torch.empty_like(size) for _ in range(world_size)]
     dist.all_gather(sizes_t, size)
-    sizes = [int(s.item()) for s in sizes_t]
-    max_rows = max(sizes)
-    padded = t.new_zeros((max_rows, *t.shape[1:]))  # (max_rows, ...)
+    sizes = torch.cat(sizes_t).tolist()  # one transfer, not one per rank
+    padded = t.new_zeros((max(sizes), *t.shape[1:]), device=device)  # (max_rows, ...)
     padded[: t.shape[0]] = t
     gathered = [torch.empty_like(padded) for _ in range(world_size)]
-    dist.all_gather(gathered, padded.contiguous())
-    return torch.cat([g[:n] for g, n in zip(gathered, sizes)], dim=0), sizes
+    dist.all_gather(gathered, padded)
+    return torch.cat([g[:n] for g, n in zip(gathered, sizes)], dim=0).to(t.device), sizes
 
 
 def all_to_all_rows(t: torch.Tensor, send_sizes: list[int], recv_rows_each: int) -> torch.Tensor:
@@ -163,29 +165,33 @@ def all_to_all_rows(t: torch.Tensor, send_sizes: list[int], recv_rows_each: int)
     every rank, concatenated in rank order. In one process this is the identity."""
     if not is_distributed():
         return t
-    world_size = dist.get_world_size()
-    out = t.new_empty((recv_rows_each * world_size, *t.shape[1:]))  # (W * recv_rows_each, ...)
+    world_size, device = dist.get_world_size(), communication_device()
+    out = torch.empty((recv_rows_each * world_size, *t.shape[1:]), dtype=t.dtype, device=device)  # (W * rows, ...)
     dist.all_to_all_single(
-        out, t.contiguous(), output_split_sizes=[recv_rows_each] * world_size, input_split_sizes=send_sizes
+        out, t.to(device).contiguous(), output_split_sizes=[recv_rows_each] * world_size, input_split_sizes=send_sizes
     )
-    return out
+    return out.to(t.device)
 
 
 def send_tensor(t: torch.Tensor, dst: int) -> None:
     """Point-to-point send (the receiver must know the shape and dtype)."""
-    dist.send(t.contiguous(), dst=dst)
+    dist.send(t.to(communication_device()).contiguous(), dst=dst)
 
 
 def recv_tensor(t: torch.Tensor, src: int) -> torch.Tensor:
     """Point-to-point receive into the preallocated ``t``; returns it."""
-    dist.recv(t, src=src)
-    return t
+    buffer = torch.empty_like(t, device=communication_device())
+    dist.recv(buffer, src=src)
+    return t.copy_(buffer)
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     """Sum ``t`` over ranks in place and return it; the identity in one process."""
     if is_distributed():
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        payload = t.to(communication_device())
+        dist.all_reduce(payload, op=dist.ReduceOp.SUM)
+        if payload is not t:
+            t.copy_(payload)
     return t
 
 
@@ -193,8 +199,7 @@ def all_reduce_max_int(x: int) -> int:
     """Maximum of a Python int over ranks."""
     if not is_distributed():
         return x
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-    t = torch.tensor([x], dtype=torch.int64, device=device)
+    t = torch.tensor([x], dtype=torch.int64, device=communication_device())
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return int(t.item())
 
@@ -215,13 +220,3 @@ def all_gather_object(obj: Any) -> list[Any]:
     out: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
-
-
-def raise_if_any_failed(error: str | None, what: str) -> None:
-    """Collective error check: every rank passes its error message (or None); if any rank failed, all raise.
-
-    Used after local work that can fail (disk I/O) so that no rank is left waiting in a later collective.
-    """
-    errors = [e for e in all_gather_object(error) if e]
-    if errors:
-        raise UserError(f"{what} failed: {errors[0]}")

@@ -1,20 +1,21 @@
 """The evaluation loop (loss, generation, task metrics), retrieve-only recall, and --write_results files."""
 
-import argparse
 import json
 import logging
 import os
 import tempfile
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from src import distributed as dist
 from src.atlas import Atlas
-from src.checkpoint import run_dir
+from src.batching import Tokenizers, collate, decode
+from src.config import EvalConfig
 from src.data import RawInstance, eval_batches, load_instances
+from src.index import DistributedIndex
 from src.metrics import answer_in_text
+from src.retrieval import passages_for
 from src.tasks import Example, Task
 
 logger = logging.getLogger(__name__)
@@ -37,47 +38,92 @@ def reduce_means(sums: dict[str, float], counts: dict[str, float]) -> dict[str, 
     return {n: (packed[i] / packed[len(names) + i]).item() for i, n in enumerate(names) if packed[len(names) + i] > 0}
 
 
-def evaluate_file(model: Atlas, index, task: Task, opt: argparse.Namespace, data: EvalData, step: int, world):
-    """Scores of one eval file (percentages; eval_loss as is) and the written results path, if any."""
-    path, instances = data
-    sums = dict.fromkeys(task.metrics, 0.0)  # the same names on every rank, for the all-reduce
-    counts = dict.fromkeys(task.metrics, 0.0)
-    rows: list[dict] = []
-    for examples in padded_batches(eval_batches(instances, task, opt.per_gpu_batch_size)):
-        passages, _ = model.passages_for(index, examples, opt.n_context, task.filter_by_id)
-        if not examples:
-            continue
-        if "eval_loss" in task.metrics:
-            add(sums, counts, "eval_loss", model.eval_loss(examples, passages).item())
-        for ex, ps, generation in zip(examples, passages, model.generate(examples, passages)):
-            for name, value in task.evaluate(generation, ex.answers).items():
-                add(sums, counts, name, 100.0 * value)
-            rows.append(result_row(ex, ps[: opt.n_context], opt, generation=generation))
-    scores = reduce_means(sums, counts)
-    written = write_results(rows, opt, path, step, world) if opt.write_results else None
-    return scores, written
+class Evaluator:
+    """Evaluates the model on the --eval_data files: `__call__(model, index, step)` -> `{file_stem}/{metric}`."""
 
+    def __init__(
+        self, task: Task, cfg: EvalConfig, tokenizers: Tokenizers, world: dist.World, data: list[EvalData]
+    ) -> None:
+        self.task, self.cfg, self.tokenizers, self.world, self.data = task, cfg, tokenizers, world, data
 
-def evaluate_retrieval(model: Atlas, index, task: Task, opt: argparse.Namespace, data: EvalData, step: int, world):
-    """Retrieve-only: recall@k by answer string (and by gold passage id when rows have `gold_ids`)."""
-    path, instances = data
-    ks = [k for k in RECALL_AT if k <= opt.n_context]
-    names = [f"{kind}@{k}" for kind in ("recall", "gold_recall") for k in ks]
-    sums, counts = dict.fromkeys(names, 0.0), dict.fromkeys(names, 0.0)  # the same names on every rank
-    rows: list[dict] = []
-    for examples in padded_batches(eval_batches(instances, task, opt.per_gpu_batch_size)):
-        passages, scores = model.passages_for(index, examples, opt.n_context, task.filter_by_id)
-        for ex, ps, sc in zip(examples, passages, scores.tolist() if scores is not None else []):
-            hits = [answer_in_text(ex.answers, p.get("text", "")) for p in ps]
-            gold = set(ex.metadata.get("gold_ids") or [])
-            for k in ks:
-                add(sums, counts, f"recall@{k}", 100.0 * any(hits[:k]))
-                if gold:
-                    add(sums, counts, f"gold_recall@{k}", 100.0 * any(str(p.get("id")) in gold for p in ps[:k]))
-            rows.append(result_row(ex, [{**p, "score": s} for p, s in zip(ps, sc)], opt))
-    scores = reduce_means(sums, counts)
-    written = write_results(rows, opt, path, step, world) if opt.write_results else None
-    return scores, written
+    def __call__(self, model: Atlas, index: DistributedIndex | None, step: int) -> dict[str, float]:
+        results = {}
+        evaluate = self.evaluate_retrieval if self.cfg.retrieve_only else self.evaluate_file
+        for path, instances in self.data:
+            scores, _ = evaluate(model, index, path, instances, step)
+            logger.info("%s step %d | %s", path, step, " | ".join(f"{k} {v:.2f}" for k, v in scores.items()))
+            results.update({f"{Path(path).stem}/{k}": v for k, v in scores.items()})
+        return results
+
+    def evaluate_file(self, model: Atlas, index, path: str, instances: list[RawInstance], step: int):
+        """Scores of one eval file (percentages; eval_loss as is) and the written results path, if any."""
+        task, cfg = self.task, self.cfg
+        sums = dict.fromkeys(task.metrics, 0.0)  # the same names on every rank, for the all-reduce
+        counts = dict.fromkeys(task.metrics, 0.0)
+        rows: list[dict] = []
+        for examples in padded_batches(eval_batches(instances, task, cfg.per_gpu_batch_size)):
+            passages, _ = passages_for(model, self.tokenizers, index, examples, cfg.n_context, task.filter_by_id)
+            if not examples:
+                continue
+            batch = collate(examples, passages, self.tokenizers, model.config).to(model.device)
+            if "eval_loss" in task.metrics:
+                add(sums, counts, "eval_loss", model.eval_loss(batch).item())
+            generations = decode(self.tokenizers, model.generate(batch))
+            for ex, ps, generation in zip(examples, passages, generations):
+                for name, value in task.evaluate(generation, ex.answers).items():
+                    add(sums, counts, name, 100.0 * value)
+                rows.append(self.result_row(ex, ps[: cfg.n_context], generation=generation))
+        scores = reduce_means(sums, counts)
+        written = self.write_results(rows, path, step) if cfg.write_results else None
+        return scores, written
+
+    def evaluate_retrieval(self, model: Atlas, index, path: str, instances: list[RawInstance], step: int):
+        """Retrieve-only: recall@k by answer string (and by gold passage id when rows have `gold_ids`)."""
+        task, cfg = self.task, self.cfg
+        ks = [k for k in RECALL_AT if k <= cfg.n_context]
+        names = [f"{kind}@{k}" for kind in ("recall", "gold_recall") for k in ks]
+        sums, counts = dict.fromkeys(names, 0.0), dict.fromkeys(names, 0.0)  # the same names on every rank
+        rows: list[dict] = []
+        for examples in padded_batches(eval_batches(instances, task, cfg.per_gpu_batch_size)):
+            passages, scores = passages_for(model, self.tokenizers, index, examples, cfg.n_context, task.filter_by_id)
+            for ex, ps, sc in zip(examples, passages, scores.tolist() if scores is not None else []):
+                hits = [answer_in_text(ex.answers, p.get("text", "")) for p in ps]
+                gold = set(ex.metadata.get("gold_ids") or [])
+                for k in ks:
+                    add(sums, counts, f"recall@{k}", 100.0 * any(hits[:k]))
+                    if gold:
+                        add(sums, counts, f"gold_recall@{k}", 100.0 * any(str(p.get("id")) in gold for p in ps[:k]))
+                rows.append(self.result_row(ex, [{**p, "score": s} for p, s in zip(ps, sc)]))
+        scores = reduce_means(sums, counts)
+        written = self.write_results(rows, path, step) if cfg.write_results else None
+        return scores, written
+
+    def result_row(self, ex: Example, passages: list[dict], generation: str | None = None) -> dict:
+        """One --write_results row in the original's format."""
+        row: dict = {"query": ex.query, "answers": ex.answers}
+        if generation is not None:
+            row["generation"] = generation
+        if not self.cfg.dont_write_passages:
+            row["passages"] = passages
+        row["metadata"] = ex.metadata
+        if "id" in ex.metadata:
+            row["id"] = ex.metadata["id"]
+        return row
+
+    def write_results(self, rows: list[dict], path: str, step: int) -> Path:
+        """Gather every rank's rows on the main rank and write {checkpoint_dir}/{name}/{stem}-step-{step}.jsonl."""
+        out = self.cfg.run_dir / f"{Path(path).stem}-step-{step}.jsonl"
+        shards = dist.all_gather_object(rows) if self.world.world_size > 1 else [rows]
+        if self.world.is_main:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            handle, tmp = tempfile.mkstemp(dir=out.parent, suffix=".tmp")
+            with os.fdopen(handle, "w", encoding="utf-8") as f:
+                for shard in shards:
+                    for row in shard:
+                        f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            os.replace(tmp, out)  # never a half-written results file
+            logger.info("wrote %s", out)
+        return out
 
 
 def add(sums: dict[str, float], counts: dict[str, float], name: str, value: float) -> None:
@@ -85,53 +131,6 @@ def add(sums: dict[str, float], counts: dict[str, float], name: str, value: floa
     counts[name] = counts.get(name, 0) + 1
 
 
-def result_row(ex: Example, passages: list[dict], opt: argparse.Namespace, generation: str | None = None) -> dict:
-    """One --write_results row in the original's format."""
-    row: dict = {"query": ex.query, "answers": ex.answers}
-    if generation is not None:
-        row["generation"] = generation
-    if not opt.dont_write_passages:
-        row["passages"] = passages
-    row["metadata"] = ex.metadata
-    if "id" in ex.metadata:
-        row["id"] = ex.metadata["id"]
-    return row
-
-
-def write_results(rows: list[dict], opt: argparse.Namespace, path: str, step: int, world) -> Path:
-    """Gather every rank's rows on the main rank and write {checkpoint_dir}/{name}/{stem}-step-{step}.jsonl."""
-    out = run_dir(opt) / f"{Path(path).stem}-step-{step}.jsonl"
-    shards = dist.all_gather_object(rows) if world.world_size > 1 else [rows]
-    if world.is_main:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        handle, tmp = tempfile.mkstemp(dir=out.parent, suffix=".tmp")
-        with os.fdopen(handle, "w", encoding="utf-8") as f:
-            for shard in shards:
-                for row in shard:
-                    f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        os.replace(tmp, out)  # never a half-written results file
-        logger.info("wrote %s", out)
-    return out
-
-
-def load_eval_data(task: Task, opt: argparse.Namespace, world) -> list[EvalData]:
+def load_eval_data(task: Task, cfg: EvalConfig, world: dist.World) -> list[EvalData]:
     """This rank's instances of every --eval_data file, read (and checked) once, before any model is built."""
-    return [(path, load_instances([path], task, world.rank, world.world_size)) for path in opt.eval_data]
-
-
-def build_evaluate_fn(
-    task: Task, opt: argparse.Namespace, world, eval_data: list[EvalData]
-) -> Callable[[Atlas, object, int], dict[str, float]]:
-    """evaluate(model, index, step) over every --eval_data file, logging and returning `{file_stem}/{metric}`."""
-
-    def run(model: Atlas, index, step: int) -> dict[str, float]:
-        results = {}
-        fn = evaluate_retrieval if opt.retrieve_only else evaluate_file
-        for data in eval_data:
-            path = data[0]
-            scores, _ = fn(model, index, task, opt, data, step, world)
-            logger.info("%s step %d | %s", path, step, " | ".join(f"{k} {v:.2f}" for k, v in scores.items()))
-            results.update({f"{Path(path).stem}/{k}": v for k, v in scores.items()})
-        return results
-
-    return run
+    return [(path, load_instances([path], task, world.rank, world.world_size)) for path in cfg.eval_data]

@@ -92,15 +92,14 @@ def evalnormsum_scores(model: T5ForConditionalGeneration, input_ids, attention_m
         H = model.config.num_heads
         value_norms.append(output.view(B, K * L, H, -1).float().norm(dim=-1).transpose(1, 2))  # (B, H, K*L)
 
-    previous = model.config._attn_implementation
+    if model.config._attn_implementation != "eager":  # sdpa and flash kernels return no attention probabilities
+        raise ValueError("evalnormsum needs a reader built with eager attention (ModelConfig.eager_attention)")
     hooks = [block.layer[1].EncDecAttention.v.register_forward_hook(keep_value_norm) for block in model.decoder.block]
     try:
-        model.set_attn_implementation("eager")  # sdpa returns no attention probabilities
         with eval_mode(model):
             encoder_outputs, mask = fid.encode(model, input_ids, attention_mask)
             out = model(encoder_outputs=encoder_outputs, attention_mask=mask, labels=labels, output_attentions=True)
     finally:
-        model.set_attn_implementation(previous)
         for hook in hooks:
             hook.remove()
     total = 0.0
@@ -113,11 +112,14 @@ def evalnormsum_scores(model: T5ForConditionalGeneration, input_ids, attention_m
     return scores / (ADIST_SCALE * len(value_norms) * n_tokens)
 
 
+# The registry of --gold_score_mode: KL targets by name, and emdr (a mixture likelihood, not a target).
 GOLD_SCORE_FNS: dict[str, Callable[..., torch.Tensor]] = {
-    "ppmean": ppmean_scores,
-    "loop": loop_scores,
     "evalnormsum": evalnormsum_scores,
+    "loop": loop_scores,
+    "ppmean": ppmean_scores,
 }
+GOLD_SCORE_MODES = (*GOLD_SCORE_FNS, "emdr")
+GOLD_SCORE_ALIASES = {"pdist": "ppmean", "adist": "evalnormsum"}  # the paper's names -> the code's
 
 
 def kl_retriever_loss(

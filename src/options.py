@@ -10,8 +10,15 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import re
+from pathlib import Path
 from typing import Any
+
+from src.config import AtlasConfig, EvalConfig, IndexConfig, ModelConfig, Settings, TrainConfig
+from src.gold_scores import GOLD_SCORE_ALIASES, GOLD_SCORE_MODES
+from src.index.distributed_index import MODES as INDEX_MODES
+from src.index.faiss_index import INDEX_TYPES as FAISS_INDEX_TYPES
+from src.index.refresh import parse_refresh_schedule
+from src.tasks import TASKS, UNIMPLEMENTED_TASKS
 
 logger = logging.getLogger(__name__)
 
@@ -31,12 +38,7 @@ READER_MODEL_TYPES = (
     "google/t5-xl-lm-adapt",
     "google/t5-xxl-lm-adapt",
 )
-GOLD_SCORE_MODES = ("evalnormsum", "loop", "ppmean", "emdr")
-GOLD_SCORE_ALIASES = {"pdist": "ppmean", "adist": "evalnormsum"}  # paper name -> code name
-FAISS_INDEX_TYPES = ("flat", "ivfflat", "ivfsq", "sq", "pq", "ivfpq")
-TASKS = ("base", "mlm", "lm", "multiple_choice", "kilt", "section", "fever", "qa")
 PERMUTATIONS = ("single", "cyclic", "all")
-REFRESH_END = 2**32  # open end of a single-number refresh schedule
 
 
 def reader_model_type(value: str) -> str:
@@ -46,6 +48,15 @@ def reader_model_type(value: str) -> str:
     raise argparse.ArgumentTypeError(
         f"invalid choice: {value!r} (choose from {', '.join(READER_MODEL_TYPES)}, or an existing local directory)"
     )
+
+
+def task_name(value: str) -> str:
+    """argparse type for --task: a registered task; the original's other tasks are named as not implemented yet."""
+    if value in UNIMPLEMENTED_TASKS:
+        raise argparse.ArgumentTypeError(
+            f"task {value!r} of the original Atlas is not implemented yet (implemented: {', '.join(TASKS)})"
+        )
+    return value
 
 
 def _add_run_flags(p: argparse.ArgumentParser) -> None:
@@ -78,7 +89,7 @@ def _add_index_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--save_index_n_shards", type=int, default=128, help="number of shards to save; a multiple of the world size"
     )
-    g.add_argument("--index_mode", type=str, default="flat", choices=["flat", "faiss"], help="exact torch or faiss kNN")
+    g.add_argument("--index_mode", type=str, default="flat", choices=list(INDEX_MODES), help="exact torch or faiss kNN")
     g.add_argument(
         "--faiss_index_type", type=str, default="flat", choices=list(FAISS_INDEX_TYPES), help="faiss index kind"
     )
@@ -172,7 +183,9 @@ def _add_format_flags(p: argparse.ArgumentParser) -> None:
 
 def _add_task_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("task")
-    g.add_argument("--task", type=str, default=None, choices=list(TASKS), help="task: preprocessing, filters, metrics")
+    g.add_argument(
+        "--task", type=task_name, default=None, choices=list(TASKS), help="task: preprocessing, filters, metrics"
+    )
     g.add_argument("--mlm_noise_density", type=float, default=0.15, help="fraction of text masked by MLM spans")
     g.add_argument("--mlm_mean_noise_span_length", type=float, default=3, help="mean MLM span length")
     g.add_argument("--min_words_per_lm_instance", type=int, default=None, help="skip shorter mlm/lm/section texts")
@@ -246,33 +259,6 @@ def build_parser(mode: str) -> argparse.ArgumentParser:
     ):
         add(parser)
     return parser
-
-
-def parse_refresh_schedule(text: str) -> list[tuple[int, int, int]]:
-    """Parse --refresh_index: "-1" -> [], "N" -> [(0, 2**32, N)], "s-e:r,..." -> [(s, e, r), ...]; ValueError if bad."""
-    text = text.strip()
-    if text == "-1":
-        return []
-    if re.fullmatch(r"\d+", text):
-        rate = int(text)
-        if rate <= 0:
-            raise ValueError(f"refresh rate must be positive, got {text!r}")
-        return [(0, REFRESH_END, rate)]
-    schedule = []
-    for item in text.split(","):
-        m = re.fullmatch(r"\s*(\d+)-(\d+):(\d+)\s*", item)
-        if not m:
-            raise ValueError(f"expected -1, N, or start-end:rate items, got {item!r}")
-        start, end, rate = (int(x) for x in m.groups())
-        if start >= end or rate <= 0:
-            raise ValueError(f"need start < end and rate > 0 in {item.strip()!r}")
-        schedule.append((start, end, rate))
-    return schedule
-
-
-def refresh_due(schedule: list[tuple[int, int, int]], step: int) -> bool:
-    """True if some (start, end, rate) item has start <= step < end and (step - start) % rate == 0."""
-    return any(s <= step < e and (step - s) % r == 0 for s, e, r in schedule)
 
 
 def _normalise(opt: argparse.Namespace) -> None:
@@ -408,3 +394,55 @@ def options_from_dict(d: dict[str, Any], mode: str) -> argparse.Namespace:
         setattr(opt, k, list(v) if isinstance(v, (list, tuple)) else v)
     _normalise(opt)
     return opt
+
+
+def _fields(cls: type, opt: argparse.Namespace, **overrides: Any) -> Any:
+    """An instance of config class `cls` taking every field named like a flag from `opt`, then `overrides`."""
+    names = cls.__dataclass_fields__
+    values = {name: getattr(opt, name) for name in names if hasattr(opt, name)}
+    values.update(overrides)
+    return cls(**values)
+
+
+def build_settings(opt: argparse.Namespace, mode: str) -> Settings:
+    """The typed settings of a parsed, validated Namespace (the only place that reads flags after parsing)."""
+    run_dir = Path(opt.checkpoint_dir) / opt.name
+    retrieves = not (opt.closed_book or opt.use_file_passages)
+    atlas = _fields(AtlasConfig, opt)
+    model = _fields(
+        ModelConfig,
+        opt,
+        model_path=None if opt.model_path in (None, "none") else opt.model_path,
+        with_reader=not opt.retrieve_only,
+        with_retriever=bool(opt.train_retriever or retrieves),
+        eager_attention=atlas.needs_attention_scores,
+    )
+    index = _fields(
+        IndexConfig,
+        opt,
+        enabled=retrieves,
+        passages=tuple(opt.passages or ()),
+        passage_store_dir=opt.passage_store_dir or str(Path(opt.checkpoint_dir) / "passage_store"),
+        embedder_batch_size=opt.per_gpu_embedder_batch_size,
+        refresh_schedule=tuple(parse_refresh_schedule(opt.refresh_index)),
+    )
+    return Settings(
+        mode=mode,
+        task=opt.task,
+        seed=opt.seed,
+        local_rank=opt.local_rank,
+        main_port=opt.main_port,
+        run_dir=run_dir,
+        train_data=tuple(opt.train_data),
+        model=model,
+        atlas=atlas,
+        index=index,
+        train=_fields(TrainConfig, opt, run_dir=run_dir),
+        eval=_fields(EvalConfig, opt, run_dir=run_dir, eval_data=tuple(opt.eval_data)),
+        options=options_to_dict(opt),
+    )
+
+
+def parse_settings(argv: list[str] | None, mode: str) -> Settings:
+    """parse_options, then the typed settings; exits with status 2 on a bad flag."""
+    return build_settings(parse_options(argv, mode), mode)

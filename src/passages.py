@@ -49,6 +49,14 @@ def passage_title(passage: dict) -> str:
     return f"{title}: {section}" if section else title
 
 
+EMPTY_PASSAGE = {"id": "", "title": "", "text": ""}  # pads an example that has fewer than K passages
+
+
+def format_passage(template: str, passage: dict, query: str = "") -> str:
+    """Render a passage with `--encoder_format` / `--retriever_format`; the title becomes "title: section"."""
+    return template.format(query=query, title=passage_title(passage), text=passage.get("text", ""))
+
+
 def _read_jsonl_records(paths: Sequence[str]) -> Iterator[Record]:
     """Stream (line bytes, parsed dict, file, line) from jsonl files; UserError on unreadable or malformed lines."""
     for path in paths:

@@ -45,26 +45,6 @@ def load_reader_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
     return AutoTokenizer.from_pretrained(name_or_path)
 
 
-def tokenize_passages(
-    tokenizer: PreTrainedTokenizerBase, texts: list[list[str]], max_length: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B lists of K strings) -> input_ids, attention_mask of shape (B, K, L).
-
-    L is the longest tokenised pair of the batch, capped at `max_length` (dynamic padding).
-    """
-    B, K = len(texts), len(texts[0])
-    flat = [text for row in texts for text in row]
-    enc = tokenizer(flat, max_length=max_length, truncation=True, padding="longest", return_tensors="pt")
-    return enc.input_ids.view(B, K, -1), enc.attention_mask.view(B, K, -1)  # (B, K, L)
-
-
-def tokenize_targets(tokenizer: PreTrainedTokenizerBase, targets: list[str], max_length: int | None) -> torch.Tensor:
-    """Target strings -> labels (B, T) ending in </s>, padding set to -100 (ignored by the loss)."""
-    enc = tokenizer(targets, max_length=max_length, truncation=max_length is not None, padding="longest",
-                    return_tensors="pt")  # fmt: skip
-    return enc.input_ids.masked_fill(enc.attention_mask == 0, -100)
-
-
 def encode(model: T5ForConditionalGeneration, input_ids: torch.Tensor, attention_mask: torch.Tensor):
     """Run the encoder on every passage alone: (B, K, L) -> encoder outputs (B, K*L, D) and mask (B, K*L)."""
     B, K, L = input_ids.shape

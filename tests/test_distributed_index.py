@@ -16,7 +16,7 @@ import torch.distributed
 
 from src import distributed
 from src.distributed import World, first_slurm_host
-from src.index import DistributedIndex
+from src.index import load_index
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import dist_index_worker as worker  # noqa: E402
@@ -44,7 +44,7 @@ def test_sharded_search_and_reshard(tmp_path):
     queries = np.random.default_rng(2).standard_normal((6, worker.DIM)).astype(np.float32)
     one = World(0, 0, 1, torch.device("cpu"))
     for saved in ("saved_w2", "saved_w3"):
-        index = DistributedIndex.load(str(tmp_path / saved), one)
+        index = load_index(str(tmp_path / saved), one)
         scores, rows = index.search(torch.from_numpy(queries), 10)
         ref_scores, ref_rows = worker.brute_force(embeddings, queries, 10)
         np.testing.assert_array_equal(rows.numpy(), ref_rows)

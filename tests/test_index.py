@@ -9,9 +9,10 @@ import pytest
 import torch
 from torch import nn
 
+from src.config import IndexConfig
 from src.distributed import World
 from src.errors import UserError
-from src.index import DistributedIndex, embed_passages, flat, import_legacy_index, io
+from src.index import DistributedIndex, embed_passages, flat, import_legacy_index, io, load_index, save_index
 from src.index.legacy import main as legacy_main
 from src.passages import PassageStore, passage_title
 
@@ -35,7 +36,7 @@ def brute_force(embeddings, queries, k):
 
 
 def flat_index(tmp_path, embeddings, **kwargs):
-    index = DistributedIndex(make_store(tmp_path, len(embeddings)), embeddings.shape[1], WORLD, **kwargs)
+    index = DistributedIndex(make_store(tmp_path, len(embeddings)), embeddings.shape[1], WORLD, IndexConfig(**kwargs))
     index.set_embeddings(torch.as_tensor(embeddings))
     return index
 
@@ -92,24 +93,24 @@ def test_save_load_round_trip_any_shard_count(tmp_path, small_chunks):
     expected = index.search(queries, 10)
     for n_shards in (1, 7, 128):  # 7 divides nothing here; 128 > N gives one shard per passage
         path = str(tmp_path / f"saved{n_shards}")
-        index.save(path, n_shards=n_shards)
-        loaded = DistributedIndex.load(path, WORLD)
+        save_index(index, path, n_shards=n_shards)
+        loaded = load_index(path, WORLD)
         assert len(io.read_manifest(path)["embeddings"]["shards"]) == min(n_shards, 50)
         for got, want in zip(loaded.search(queries, 10), expected):
             assert torch.equal(got, want)
         assert loaded.store.get(49) == index.store.get(49)
-    index.save(str(tmp_path / "saved7"), n_shards=3)  # saving over an existing index replaces it
+    save_index(index, str(tmp_path / "saved7"), n_shards=3)  # saving over an existing index replaces it
     assert len(io.read_manifest(str(tmp_path / "saved7"))["embeddings"]["shards"]) == 3
-    half = DistributedIndex.load(str(tmp_path / "saved7"), World(1, 1, 2, torch.device("cpu")))
+    half = load_index(str(tmp_path / "saved7"), World(1, 1, 2, torch.device("cpu")))
     assert half.local_rows == range(25, 50)  # a rank of another world size reads only its rows
 
 
 def test_fp16_save_and_check_dim(tmp_path):
     embeddings = np.random.default_rng(4).standard_normal((20, 8)).astype(np.float32)
     index = flat_index(tmp_path, embeddings)
-    index.save(str(tmp_path / "half"), n_shards=2, dtype="float16")
-    loaded = DistributedIndex.load(str(tmp_path / "half"), WORLD)
-    assert loaded._embeddings.dtype == torch.float32  # computed in fp32 on CPU whatever the file holds
+    save_index(index, str(tmp_path / "half"), n_shards=2, dtype="float16")
+    loaded = load_index(str(tmp_path / "half"), WORLD)
+    assert loaded.local_embeddings.dtype == torch.float32  # computed in fp32 on CPU whatever the file holds
     loaded.check_dim(8)
     with pytest.raises(UserError, match=r"index at .*half holds 8-dimensional .* produces 16"):
         loaded.check_dim(16)
@@ -118,46 +119,46 @@ def test_fp16_save_and_check_dim(tmp_path):
 def test_corrupted_or_missing_shard_is_named(tmp_path):
     embeddings = np.random.default_rng(5).standard_normal((30, 8)).astype(np.float32)
     path = str(tmp_path / "idx")
-    flat_index(tmp_path, embeddings).save(path, n_shards=3)
+    save_index(flat_index(tmp_path, embeddings), path, n_shards=3)
     shard = os.path.join(path, "embeddings.00001.npy")
     with open(shard, "r+b") as handle:
         handle.seek(-3, os.SEEK_END)
         handle.write(b"\x00\x01\x02")
     with pytest.raises(UserError, match=r"embeddings\.00001\.npy is corrupted"):
-        DistributedIndex.load(path, WORLD)
+        load_index(path, WORLD)
     with open(shard, "r+b") as handle:
         handle.truncate(100)
     with pytest.raises(UserError, match=r"embeddings\.00001\.npy is truncated"):
-        DistributedIndex.load(path, WORLD)
+        load_index(path, WORLD)
     os.remove(shard)
     with pytest.raises(UserError, match=r"embeddings\.00001\.npy is missing"):
-        DistributedIndex.load(path, WORLD)
+        load_index(path, WORLD)
 
 
 def test_path_without_index(tmp_path):
     with pytest.raises(UserError, match="no index at"):
-        DistributedIndex.load(str(tmp_path), WORLD)
+        load_index(str(tmp_path), WORLD)
     with pytest.raises(UserError, match="no index at"):
-        DistributedIndex.load(str(tmp_path / "does_not_exist"), WORLD)
+        load_index(str(tmp_path / "does_not_exist"), WORLD)
 
 
 def test_killed_save_is_not_loadable(tmp_path, monkeypatch):
     embeddings = np.random.default_rng(6).standard_normal((30, 8)).astype(np.float32)
     index = flat_index(tmp_path, embeddings)
     path = str(tmp_path / "idx")
-    index.save(path, n_shards=4)
+    save_index(index, path, n_shards=4)
 
     def killed(*args, **kwargs):
         raise KeyboardInterrupt  # the process dies after the shards, before the manifest
 
     monkeypatch.setattr(io, "write_manifest", killed)
     with pytest.raises(KeyboardInterrupt):
-        index.save(path, n_shards=2)
+        save_index(index, path, n_shards=2)
     leftovers = [name for name in os.listdir(tmp_path) if name.startswith("idx.tmp-")]
     assert leftovers and os.path.exists(os.path.join(tmp_path, leftovers[0], "embeddings.00000.npy"))
     with pytest.raises(UserError, match="no index at"):
-        DistributedIndex.load(os.path.join(tmp_path, leftovers[0]), WORLD)
-    assert len(DistributedIndex.load(path, WORLD).search(torch.zeros(1, 8), 3)[1][0]) == 3  # old index intact
+        load_index(os.path.join(tmp_path, leftovers[0]), WORLD)
+    assert len(load_index(path, WORLD).search(torch.zeros(1, 8), 3)[1][0]) == 3  # old index intact
 
 
 def write_legacy_index(directory, shards, dim, rng):
@@ -180,7 +181,7 @@ def test_legacy_import_then_search(tmp_path):
     rng = np.random.default_rng(7)
     embeddings, passages = write_legacy_index(str(tmp_path / "orig"), [10, 0, 13, 9], 8, rng)
     import_legacy_index(str(tmp_path / "orig"), str(tmp_path / "new"))
-    index = DistributedIndex.load(str(tmp_path / "new"), WORLD)
+    index = load_index(str(tmp_path / "new"), WORLD)
     assert index.store.get_many(range(len(passages))) == passages
     assert index.store.get(1)["title"] == "t" and passage_title(index.store.get(1)) == "t: s"
     assert io.read_manifest(str(tmp_path / "new"))["embeddings"]["dtype"] == "float16"
@@ -208,45 +209,49 @@ def test_legacy_unpickler_refuses_globals(tmp_path):
 
 
 def test_faiss_flat_and_ivf_with_all_lists_equal_exact(tmp_path):
+    pytest.importorskip("faiss")  # optional: only --index_mode faiss needs it
     rng = np.random.default_rng(9)
     embeddings = rng.standard_normal((400, 16)).astype(np.float32)
     queries = rng.standard_normal((6, 16)).astype(np.float32)
     assert_search_equals(flat_index(tmp_path, embeddings, mode="faiss"), embeddings, queries, 10)
-    ivf = DistributedIndex(make_store(tmp_path, 400, "s2"), 16, WORLD, "faiss", "ivfflat", faiss_nprobe=1000)
+    ivf = DistributedIndex(
+        make_store(tmp_path, 400, "s2"), 16, WORLD, IndexConfig("faiss", "ivfflat", faiss_nprobe=1000)
+    )
     ivf.set_embeddings(torch.as_tensor(embeddings))
-    assert ivf._faiss.nprobe == ivf._faiss.nlist == 20 and ivf._embeddings is None
+    assert ivf.local_faiss.nprobe == ivf.local_faiss.nlist == 20 and ivf.local_embeddings is None
     assert_search_equals(ivf, embeddings, queries, 10)
     path = str(tmp_path / "ivf")
-    ivf.save(path)
-    assert_search_equals(DistributedIndex.load(path, WORLD, mode="faiss", faiss_nprobe=20), embeddings, queries, 10)
+    save_index(ivf, path)
+    assert_search_equals(load_index(path, WORLD, IndexConfig(mode="faiss", faiss_nprobe=20)), embeddings, queries, 10)
     with pytest.raises(UserError, match="saved in faiss mode"):
-        DistributedIndex.load(path, WORLD)
+        load_index(path, WORLD)
     manifest_path = tmp_path / "ivf" / "index.json"
     manifest = json.loads(manifest_path.read_text())
     manifest["faiss"]["world_size"] = 2
     manifest_path.write_text(json.dumps(manifest))
     with pytest.raises(UserError, match="saved by 2 processes"):
-        DistributedIndex.load(path, WORLD, mode="faiss")
+        load_index(path, WORLD, IndexConfig(mode="faiss"))
 
 
 def test_faiss_compressed_types_and_options(tmp_path):
+    pytest.importorskip("faiss")  # optional: only --index_mode faiss needs it
     rng = np.random.default_rng(10)
     embeddings = rng.standard_normal((300, 16)).astype(np.float32)
     store = make_store(tmp_path, 300)
     for index_type, code_size in (("pq", 4), ("ivfpq", 8), ("sq", None), ("ivfsq", 4)):
-        index = DistributedIndex(store, 16, WORLD, "faiss", index_type, code_size)
+        index = DistributedIndex(store, 16, WORLD, IndexConfig("faiss", index_type, code_size))
         index.set_embeddings(torch.as_tensor(embeddings))
         scores, rows = index.search(torch.as_tensor(embeddings[:20]), 5)
         assert rows.shape == (20, 5)
         assert (rows[:, 0] == torch.arange(20)).float().mean() > 0.5  # a vector mostly finds itself
     with pytest.raises(UserError, match="--faiss_code_size"):
-        DistributedIndex(store, 16, WORLD, "faiss", "pq")
+        DistributedIndex(store, 16, WORLD, IndexConfig("faiss", "pq"))
     with pytest.raises(UserError, match="must divide"):
-        DistributedIndex(store, 16, WORLD, "faiss", "ivfpq", 5)
+        DistributedIndex(store, 16, WORLD, IndexConfig("faiss", "ivfpq", 5))
     with pytest.raises(UserError, match="--faiss_index_type"):
-        DistributedIndex(store, 16, WORLD, "faiss", "hnsw")
+        DistributedIndex(store, 16, WORLD, IndexConfig("faiss", "hnsw"))
     with pytest.raises(UserError, match="--index_mode"):
-        DistributedIndex(store, 16, WORLD, "annoy")
+        DistributedIndex(store, 16, WORLD, IndexConfig("annoy"))
 
 
 def tiny_tokenizer(texts):
@@ -300,6 +305,6 @@ def test_embed_passages_dynamic_padding_matches_one_at_a_time(tmp_path):
         for row, text in enumerate(texts):
             tokens = tokenizer([text], truncation=True, max_length=20, return_tensors="pt")  # 20 = model_max_length
             expected = encoder(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"])[0]
-            torch.testing.assert_close(index._embeddings[row], expected, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(index.local_embeddings[row], expected, atol=1e-5, rtol=1e-5)
     with pytest.raises(UserError, match="produces 32"):
         embed_passages(DistributedIndex(store, 16, WORLD), encoder, tokenizer, passage_title, 4, 64)

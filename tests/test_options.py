@@ -10,15 +10,19 @@ from pathlib import Path
 import pytest
 import torch
 
+from src.config import AtlasConfig, EvalConfig, IndexConfig, ModelConfig, TrainConfig
+from src.gold_scores import GOLD_SCORE_ALIASES, GOLD_SCORE_FNS, GOLD_SCORE_MODES
+from src.index.refresh import parse_refresh_schedule, refresh_due
 from src.options import (
     READER_MODEL_TYPES,
     build_parser,
+    build_settings,
     options_from_dict,
     options_to_dict,
     parse_options,
-    parse_refresh_schedule,
-    refresh_due,
+    parse_settings,
 )
+from src.tasks import TASKS, UNIMPLEMENTED_TASKS, build_task
 
 SEED_README = Path(__file__).resolve().parents[1] / ".." / "shared" / "seed" / "atlas_README.md"
 
@@ -324,3 +328,47 @@ def test_options_to_dict_rejects_objects() -> None:
 def test_build_parser_bad_mode() -> None:
     with pytest.raises(ValueError):
         build_parser("serve")
+
+
+@pytest.mark.parametrize("task", UNIMPLEMENTED_TASKS)
+def test_original_tasks_not_built_yet_are_named_as_such(capsys: pytest.CaptureFixture, task: str) -> None:
+    line = _error(capsys, BASE + ["--task", task])
+    assert f"'{task}'" in line and "not implemented yet" in line and "base, qa" in line
+
+
+def test_choice_lists_come_from_their_registries() -> None:
+    actions = {a.dest: a for a in build_parser("train")._actions}
+    assert list(actions["task"].choices) == list(TASKS)
+    for name in TASKS:  # every accepted name builds
+        assert build_task(name).name == name
+    assert list(actions["gold_score_mode"].choices) == [*GOLD_SCORE_MODES, *GOLD_SCORE_ALIASES]
+    assert set(GOLD_SCORE_MODES) == {*GOLD_SCORE_FNS, "emdr"}
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_settings_carry_every_flag_they_name(mode: str) -> None:
+    argv = BASE + ["--lr", "0.5", "--n_context", "3", "--index_mode", "faiss", "--faiss_nprobe", "7"]
+    argv += ["--refresh_index", "0-10:2", "--name", "exp", "--checkpoint_dir", "ck"]
+    argv += ["--per_gpu_embedder_batch_size", "9"]
+    opt = parse_options(argv, mode)
+    settings = build_settings(opt, mode)
+    parts = (settings.model, settings.atlas, settings.index, settings.train, settings.eval)
+    for part, cls in zip(parts, (ModelConfig, AtlasConfig, IndexConfig, TrainConfig, EvalConfig)):
+        assert isinstance(part, cls)
+        for name in cls.__dataclass_fields__:
+            if name in vars(opt) and name not in ("model_path", "passages", "eval_data", "passage_store_dir"):
+                assert getattr(part, name) == getattr(opt, name), (cls.__name__, name)
+    assert settings.run_dir == settings.train.run_dir == settings.eval.run_dir == Path("ck/exp")
+    assert settings.index.refresh_schedule == ((0, 10, 2),) and settings.index.embedder_batch_size == 9
+    assert settings.index.passage_store_dir == str(Path("ck/passage_store")) and settings.model.model_path is None
+    assert settings.options == options_to_dict(opt)
+
+
+def test_settings_follow_closed_book_and_retrieve_only() -> None:
+    closed = parse_settings(BASE + ["--closed_book"], "train")
+    assert not closed.index.enabled and not closed.model.with_retriever and closed.model.with_reader
+    only = parse_settings(BASE + ["--retrieve_only"], "evaluate")
+    assert only.index.enabled and only.model.with_retriever and not only.model.with_reader
+    eager = parse_settings(BASE + ["--train_retriever", "--gold_score_mode", "adist"], "train")
+    assert eager.model.eager_attention
+    assert not parse_settings(BASE + ["--train_retriever"], "train").model.eager_attention

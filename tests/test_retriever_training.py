@@ -5,13 +5,14 @@ import random
 import pytest
 import torch
 
-from src.atlas import format_passage
-from src.checkpoint import build_model
+from src.batching import collate, reader_tokens, retriever_passage_tokens, retriever_tokens
 from src.data import load_instances, training_batches
 from src.distributed import World
 from src.gold_scores import emdr_loss
-from src.options import parse_options
-from src.run import build_index, refresh_index
+from src.index.refresh import build_index, refresh_index
+from src.model_factory import build_model
+from src.options import parse_settings
+from src.retrieval import embed_queries, retrieve
 from src.tasks import Example, build_task
 from src.training import Trainer
 from tests.conftest import demo_args
@@ -22,16 +23,16 @@ CPU = World(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
 def options(demo, tmp_path, *extra: str):
     flags = ["--name", "rt", "--train_retriever", "--n_context", "2", "--retriever_n_context", "3"]
     flags += ["--per_gpu_batch_size", "2", "--lr_retriever", "1e-3", "--warmup_steps", "0", "--total_steps", "10"]
-    return parse_options([*demo_args(demo, tmp_path), *flags, *extra], "train")
+    return parse_settings([*demo_args(demo, tmp_path), *flags, *extra], "train")
 
 
-def fresh_passage_embeddings(model, store) -> torch.Tensor:
+def fresh_passage_embeddings(model, tokenizers, store) -> torch.Tensor:
     """Every passage embedded alone (no padding) with the current passage encoder: (N, D)."""
     rows = []
     with torch.no_grad():
         model.retriever.eval()
         for passage in store.get_many(range(len(store))):
-            ids, mask = model._retriever_tokens([format_passage(model.config.retriever_format, passage)])
+            ids, mask = retriever_passage_tokens(tokenizers, [[passage]], model.config)
             rows.append(model.retriever.embed_passages(ids, mask)[0])
     return torch.stack(rows)
 
@@ -39,19 +40,19 @@ def fresh_passage_embeddings(model, store) -> torch.Tensor:
 @pytest.fixture
 def setup(demo, tmp_path):
     def make(*extra: str):
-        opt = options(demo, tmp_path, *extra)
-        model = build_model(opt, CPU.device).model
-        return opt, model, build_index(opt, model, CPU)
+        settings = options(demo, tmp_path, *extra)
+        model, tokenizers = build_model(settings.model, settings.atlas, CPU.device)
+        return settings, model, tokenizers, build_index(settings.index, model, tokenizers, CPU)
 
     return make
 
 
 def test_query_side_training_moves_only_the_query_encoder(setup):
-    opt, model, index = setup("--query_side_retriever_training")
-    task = build_task("qa", opt)
+    settings, model, tokenizers, index = setup("--query_side_retriever_training")
+    task = build_task("qa", settings.options)
     before = {k: v.clone() for k, v in model.retriever.state_dict().items()}
-    batches = training_batches(load_instances(opt.train_data, task), task, 2, False, random.Random(0))
-    trainer = Trainer(model, index, task, opt, CPU)
+    batches = training_batches(load_instances(list(settings.train_data), task), task, 2, False, random.Random(0))
+    trainer = Trainer(model, tokenizers, index, task, settings, CPU)
     for step in range(1, 4):
         trainer.train_step(batches, step)
     after = model.retriever.state_dict()
@@ -62,13 +63,13 @@ def test_query_side_training_moves_only_the_query_encoder(setup):
 
 
 def test_refresh_makes_the_index_match_fresh_embeddings(setup):
-    opt, model, index = setup()
+    settings, model, tokenizers, index = setup()
     with torch.no_grad():
         for p in model.retriever.parameters():
             p.add_(0.05 * torch.randn_like(p))
-    refresh_index(model, index, opt)
-    fresh = fresh_passage_embeddings(model, index.store)  # (N, D)
-    queries = model.embed_queries(["who founded the academy?", "where was he born?"])
+    refresh_index(index, model, tokenizers, settings.index)
+    fresh = fresh_passage_embeddings(model, tokenizers, index.store)  # (N, D)
+    queries = embed_queries(model, tokenizers, ["who founded the academy?", "where was he born?"])
     scores, rows = index.search(queries, 5)
     expected = (queries @ fresh.T).topk(5, dim=1)
     torch.testing.assert_close(scores, expected.values, rtol=1e-4, atol=1e-4)
@@ -76,27 +77,27 @@ def test_refresh_makes_the_index_match_fresh_embeddings(setup):
 
 
 def test_rerank_equals_brute_force_over_candidates_with_fresh_embeddings(setup):
-    opt, model, index = setup("--retrieve_with_rerank", "--n_to_rerank_with_retrieve_with_rerank", "6")
+    settings, model, tokenizers, index = setup("--retrieve_with_rerank", "--n_to_rerank_with_retrieve_with_rerank", "6")
     with torch.no_grad():  # the index is now stale
         for p in model.retriever.parameters():
             p.add_(0.05 * torch.randn_like(p))
-    stale_rows = index.search(model.embed_queries(["where was he born?"]), 6)[1][0].tolist()  # the candidates
+    stale_rows = index.search(embed_queries(model, tokenizers, ["where was he born?"]), 6)[1][0].tolist()
     example = Example("where was he born?", "x", ["x"])
-    passages, scores = model.retrieve(index, [example], 3)
-    fresh = fresh_passage_embeddings(model, index.store)[stale_rows]  # (6, D) candidates, fresh
-    candidate_scores = model.embed_queries([example.query])[0] @ fresh.T  # (6,)
+    passages, scores = retrieve(model, tokenizers, index, [example], 3)
+    fresh = fresh_passage_embeddings(model, tokenizers, index.store)[stale_rows]  # (6, D) candidates, fresh
+    candidate_scores = embed_queries(model, tokenizers, [example.query])[0] @ fresh.T  # (6,)
     best = candidate_scores.topk(3)
     assert [p["id"] for p in passages[0]] == [index.store.get(stale_rows[i])["id"] for i in best.indices.tolist()]
     torch.testing.assert_close(scores[0], best.values, rtol=1e-4, atol=1e-4)
 
 
 def test_filtering_drops_the_instances_own_passage(setup):
-    opt, model, index = setup()
+    settings, model, tokenizers, index = setup()
     query = "where was he born?"
-    unfiltered, _ = model.retrieve(index, [Example(query, "x", ["x"])], 3)
+    unfiltered, _ = retrieve(model, tokenizers, index, [Example(query, "x", ["x"])], 3)
     own = unfiltered[0][0]["id"]  # pretend the instance is the top passage itself (as mlm/lm/section data are)
     example = Example(query, "x", ["x"], metadata={"id": own})
-    filtered, scores = model.retrieve(index, [example], 3, filter_by_id=True)
+    filtered, scores = retrieve(model, tokenizers, index, [example], 3, filter_by_id=True)
     ids = [p["id"] for p in filtered[0]]
     assert len(ids) == 3 and own not in ids
     assert ids[:2] == [p["id"] for p in unfiltered[0][1:]]  # the others keep their order
@@ -105,15 +106,15 @@ def test_filtering_drops_the_instances_own_passage(setup):
 
 @pytest.mark.parametrize("mode", ["ppmean", "evalnormsum", "loop", "emdr"])
 def test_each_gold_mode_trains_and_logs_attention_correlation(setup, mode):
-    opt, model, index = setup("--gold_score_mode", mode, "--compute_crossattention_stats")
+    settings, model, tokenizers, index = setup("--gold_score_mode", mode, "--compute_crossattention_stats")
     examples = [Example("question: where was he born? answer: <extra_id_0>", "<extra_id_0> Paris", ["Paris"])] * 2
-    passages, _ = model.retrieve(index, examples, 3)
-    losses = model(examples, passages)
+    passages, _ = retrieve(model, tokenizers, index, examples, 3)
+    losses = model(collate(examples, passages, tokenizers, model.config, retriever=True))
     assert losses["retriever_loss"].requires_grad and torch.isfinite(losses["loss"])
     assert -1.0 <= losses[f"corr/{mode}"].item() <= 1.0
     losses["loss"].backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.retriever.parameters())
-    frozen = model(examples, passages, train_retriever=False)
+    frozen = model(collate(examples, passages, tokenizers, model.config), train_retriever=False)
     assert set(frozen) == {"reader_loss", "loss"}
 
 
@@ -121,13 +122,16 @@ def test_emdr_mixture_flag_reaches_the_loss(setup):
     examples = [Example("question: where was he born? answer: <extra_id_0>", "<extra_id_0> Paris", ["Paris"])] * 2
     losses = {}
     for mixture in ("token", "sequence"):
-        _, model, index = setup("--gold_score_mode", "emdr", "--temperature_gold", "1", "--emdr_mixture", mixture)
+        _, model, tokenizers, index = setup(
+            "--gold_score_mode", "emdr", "--temperature_gold", "1", "--emdr_mixture", mixture
+        )
         model.eval()  # no dropout: the same retriever scores for both runs
-        passages, _ = model.retrieve(index, examples, 3)
-        batch = model.batch(examples, passages)
-        losses[mixture] = model.retriever_loss(examples, passages, batch)["retriever_loss"]
-        scores = model.rescore(model.embed_queries([ex.query for ex in examples]), passages)  # (B, K=3)
-        ids, mask = model._reader_tokens(examples, passages, 3)
+        passages, _ = retrieve(model, tokenizers, index, examples, 3)
+        batch = collate(examples, passages, tokenizers, model.config, retriever=True)
+        losses[mixture] = model.retriever_loss(batch)["retriever_loss"]
+        query_emb = model.embed_queries(*retriever_tokens(tokenizers, [ex.query for ex in examples], model.config))
+        scores = model.rescore(query_emb, *retriever_passage_tokens(tokenizers, passages, model.config))  # (B, K=3)
+        ids, mask = reader_tokens(tokenizers, examples, passages, 3, model.config)
         expected = emdr_loss(model.reader, ids, mask, batch.labels, scores, model.retriever.dim,
                              model.config.temperature_score, 1.0, mixture)  # fmt: skip
         torch.testing.assert_close(losses[mixture], expected)

@@ -1,6 +1,5 @@
 """Tasks, metrics and jsonl reading: what users see when their files are right and when they are not."""
 
-import argparse
 import json
 import random
 
@@ -39,7 +38,7 @@ def test_qa_task_formats_query_and_target():
 
 
 def test_qa_prompt_format_flag():
-    task = build_task("qa", argparse.Namespace(qa_prompt_format="{question}", lr=1.0))
+    task = build_task("qa", {"qa_prompt_format": "{question}", "lr": 1.0})
     assert task.process({"question": "Q _X_", "answers": ["a"]}, "f:1", random.Random(0)).query == "Q _X_"
 
 

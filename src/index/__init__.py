@@ -1,12 +1,14 @@
-"""The distributed passage index: sharded exact (or faiss) search, refresh, save/load, legacy import.
+"""The distributed passage index: sharded exact (or faiss) search, its lifecycle, save/load, legacy import.
 
 Modules: ``distributed_index`` (DistributedIndex: sharding and the collective search), ``flat`` (exact chunked top-k
-with deterministic ties), ``faiss_index`` (optional compressed indexes), ``io`` (the on-disk format), ``embed``
-(the refresh: embedding passages), ``legacy`` (importing indices saved by the original Atlas).
+with deterministic ties), ``faiss_index`` (optional compressed indexes), ``embed`` (embedding passages),
+``refresh`` (the refresh schedule, building and refreshing the index), ``io`` (the on-disk format: save and load),
+``legacy`` (importing indices saved by the original Atlas).
 """
 
-from src.index.distributed_index import DistributedIndex, LocalPassages
+from src.index.distributed_index import DistributedIndex, LocalPassages, block_ranges
 from src.index.embed import embed_passages
+from src.index.io import load_index, save_index
 
 
 def import_legacy_index(src_dir: str, dst_dir: str) -> None:
@@ -17,4 +19,12 @@ def import_legacy_index(src_dir: str, dst_dir: str) -> None:
     convert(src_dir, dst_dir)
 
 
-__all__ = ["DistributedIndex", "LocalPassages", "embed_passages", "import_legacy_index"]
+__all__ = [
+    "DistributedIndex",
+    "LocalPassages",
+    "block_ranges",
+    "embed_passages",
+    "import_legacy_index",
+    "load_index",
+    "save_index",
+]

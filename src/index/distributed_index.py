@@ -9,23 +9,28 @@ With one process (no process group) the same code runs and the collectives are i
 from __future__ import annotations
 
 import logging
-import os
-import shutil
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
 from src import distributed as dist
+from src.config import IndexConfig
 from src.distributed import World
 from src.errors import UserError
-from src.index import faiss_index, io
+from src.index import faiss_index
 from src.index.flat import PAD_ROW, exact_topk, sort_topk
 from src.passages import PassageStore
 
 logger = logging.getLogger(__name__)
 
 MODES = ("flat", "faiss")
+
+
+def block_ranges(n: int, parts: int) -> list[tuple[int, int]]:
+    """Contiguous ranges [i*n//parts, (i+1)*n//parts) for i < parts; sizes differ by at most one."""
+    return [(i * n // parts, (i + 1) * n // parts) for i in range(parts)]
 
 
 class LocalPassages(Sequence):
@@ -52,25 +57,26 @@ class DistributedIndex:
         store: PassageStore,
         dim: int,
         world: World,
-        mode: str = "flat",
-        faiss_index_type: str = "flat",
-        faiss_code_size: int | None = None,
-        faiss_nprobe: int | None = None,
+        cfg: IndexConfig = IndexConfig(),
+        source_path: str | None = None,
     ):
-        if mode not in MODES:
-            raise UserError(f"--index_mode {mode!r} is not one of {', '.join(MODES)}")
-        if mode == "faiss":
+        if cfg.mode not in MODES:
+            raise UserError(f"--index_mode {cfg.mode!r} is not one of {', '.join(MODES)}")
+        if cfg.mode == "faiss":
             faiss_index.import_faiss()
-            faiss_index.validate_options(faiss_index_type, faiss_code_size, dim)
-        self.store, self.dim, self.world, self.mode = store, dim, world, mode
-        self.faiss_index_type, self.faiss_code_size, self.faiss_nprobe = faiss_index_type, faiss_code_size, faiss_nprobe
-        self.local_rows = range(*io.block_ranges(len(store), world.world_size)[world.rank])
+            faiss_index.validate_options(cfg.faiss_index_type, cfg.faiss_code_size, dim)
+        self.store, self.dim, self.world, self.cfg = store, dim, world, cfg
+        self.local_rows = range(*block_ranges(len(store), world.world_size)[world.rank])
         self.device = world.device
         self.dtype = torch.float16 if self.device.type == "cuda" else torch.float32
-        self.source_path: str | None = None  # set by load(); named in dimension errors
+        self.source_path = source_path  # where it was loaded from; named in dimension errors
         self._embeddings: torch.Tensor | None = None  # (N_local, d), flat mode only
         self._faiss = None  # faiss index over local rows (local id i = local_rows[i]), faiss mode only
         self._ready = False
+
+    @property
+    def mode(self) -> str:
+        return self.cfg.mode
 
     def __len__(self) -> int:
         return len(self.store)
@@ -90,6 +96,29 @@ class DistributedIndex:
             where = f"the index at {self.source_path}" if self.source_path else "the index"
             raise UserError(f"{where} holds {self.dim}-dimensional embeddings but the retriever produces {dim}")
 
+    @property
+    def local_embeddings(self) -> torch.Tensor | None:
+        """This rank's (N_local, d) embeddings in flat mode (None in faiss mode); read-only by convention."""
+        return self._embeddings
+
+    @property
+    def local_faiss(self) -> Any:
+        """This rank's faiss index in faiss mode (None when the rank holds no rows or in flat mode)."""
+        return self._faiss
+
+    def set_faiss(self, faiss_object: Any) -> None:
+        """Use a ready faiss index (e.g. a loaded one) over this rank's rows, in local order."""
+        if self.mode != "faiss":
+            raise ValueError("set_faiss needs an index in faiss mode")
+        if faiss_object is not None:
+            if faiss_object.ntotal != len(self.local_rows) or faiss_object.d != self.dim:
+                raise UserError(
+                    f"a faiss index of {faiss_object.ntotal} x {faiss_object.d} does not match this rank's "
+                    f"{len(self.local_rows)} x {self.dim} rows"
+                )
+            faiss_index.set_nprobe(faiss_object, self.cfg.faiss_nprobe)
+        self._faiss, self._embeddings, self._ready = faiss_object, None, True
+
     def set_embeddings(self, embeddings: torch.Tensor) -> None:
         """Replace the local embeddings (N_local, dim). Flat: kept on the device in fp32 (CPU) or fp16 (CUDA).
         faiss: a new faiss index is trained and filled, and the full-precision matrix is not kept."""
@@ -103,7 +132,7 @@ class DistributedIndex:
             self._faiss = None
             if len(vectors) > 0:
                 self._faiss = faiss_index.build_index(
-                    vectors, self.faiss_index_type, self.faiss_code_size, self.faiss_nprobe
+                    vectors, self.cfg.faiss_index_type, self.cfg.faiss_code_size, self.cfg.faiss_nprobe
                 )
         self._ready = True
 
@@ -162,173 +191,3 @@ class DistributedIndex:
     def passages(self, rows: torch.Tensor) -> list[list[dict]]:
         """Passage dicts for (B, k) global rows, read from the store; rows of -1 (no hit) are skipped."""
         return [[self.store.get(r) for r in line if r >= 0] for line in rows.tolist()]
-
-    def save(self, path: str, n_shards: int = 128, dtype: str | None = None) -> None:
-        """COLLECTIVE: save the index (and a link or copy of the passage store) to ``path``; see io.py's format.
-
-        Flat: ``n_shards`` contiguous shards (any number, independent of the world size) in ``dtype`` ("float16"
-        or "float32"; default the in-memory dtype). faiss: one file per rank; ``n_shards`` is unused.
-        """
-        if not self._ready:
-            raise RuntimeError("cannot save an index without embeddings")
-        if dtype is not None and dtype not in io.DTYPES:
-            raise UserError(f"index dtype {dtype!r} is not one of {', '.join(io.DTYPES)}")
-        if n_shards < 1:
-            raise UserError(f"--save_index_n_shards must be at least 1, got {n_shards}")
-        tmp, error = None, None
-        if self.world.is_main:
-            try:
-                tmp = io.new_temp_dir(path)
-            except OSError as e:
-                error = f"cannot create a directory next to {path}: {e}"
-        tmp, error = dist.broadcast_object((tmp, error))
-        if error:
-            raise UserError(f"saving the index to {path} failed: {error}")
-        if self.world.is_main:
-            try:
-                io.link_or_copy_store(self.store, os.path.join(tmp, io.STORE_DIR))
-            except OSError as e:
-                error = f"copying the passage store into {tmp}: {e}"
-        if self.mode == "flat":
-            entries, local_error = self._save_flat_shards(tmp, n_shards, dtype)
-        else:
-            entries, local_error = self._save_faiss_file(tmp)
-        gathered = dist.all_gather_object((error or local_error, entries))
-        errors = [e for e, _ in gathered if e]
-        if not errors and self.world.is_main:
-            try:
-                self._write_manifest(tmp, [entry for _, part in gathered for entry in part], dtype)
-                io.publish(tmp, path)
-            except OSError as e:
-                errors.append(f"{e}")
-        if self.world.is_main and errors:
-            shutil.rmtree(tmp, ignore_errors=True)
-        errors = dist.broadcast_object(errors)  # every rank returns only once the index is in place (or failed)
-        if errors:
-            raise UserError(f"saving the index to {path} failed: {errors[0]}")
-        logger.info("saved index with %d passages to %s", len(self.store), path)
-
-    def _write_manifest(self, directory: str, entries: list[dict], dtype: str | None) -> None:
-        entries = sorted(entries, key=lambda entry: entry["start"])
-        if self.mode == "flat":
-            dtype = dtype or ("float16" if self.dtype == torch.float16 else "float32")
-            embeddings, faiss = {"dtype": dtype, "shards": entries}, None
-        else:
-            embeddings = None
-            faiss = {
-                "index_type": self.faiss_index_type,
-                "code_size": self.faiss_code_size,
-                "world_size": self.world.world_size,
-                "files": entries,
-            }
-        io.write_manifest(directory, io.make_manifest(self.dim, len(self.store), embeddings, faiss))
-
-    def _save_flat_shards(self, tmp: str, n_shards: int, dtype: str | None) -> tuple[list[dict], str | None]:
-        """Write the shards whose first row this rank holds; pieces held by other ranks arrive point-to-point.
-
-        Every rank walks the shards in the same order, so each send meets its receive without deadlock. I/O errors
-        are returned, not raised, so that the exchange still completes on every rank.
-        """
-        torch_dtype = getattr(torch, dtype) if dtype else self.dtype
-        rank_ranges = io.block_ranges(len(self.store), self.world.world_size)
-        mine = self.local_rows
-        entries: list[dict] = []
-        error = None
-        for shard, (start, end) in enumerate(io.block_ranges(len(self.store), min(n_shards, len(self.store)))):
-            holders = [r for r, (lo, hi) in enumerate(rank_ranges) if max(start, lo) < min(end, hi)]
-            if self.world.rank not in holders:
-                continue
-            piece = self._embeddings[max(start, mine.start) - mine.start : min(end, mine.stop) - mine.start]
-            piece = piece.to(torch_dtype)  # (rows of this shard held here, d)
-            if self.world.rank != holders[0]:
-                dist.send_tensor(piece, dst=holders[0])
-                continue
-            parts = [piece]
-            for r in holders[1:]:
-                n_rows = min(end, rank_ranges[r][1]) - max(start, rank_ranges[r][0])
-                parts.append(dist.recv_tensor(piece.new_empty((n_rows, self.dim)), src=r))
-            if error is None:
-                try:
-                    array = torch.cat(parts).cpu().numpy()  # (end - start, d)
-                    entry = io.write_npy(array, os.path.join(tmp, f"embeddings.{shard:05d}.npy"))
-                    entries.append({**entry, "start": start, "end": end})
-                except OSError as e:
-                    error = f"writing shard {shard} to {tmp}: {e}"
-        return entries, error
-
-    def _save_faiss_file(self, tmp: str) -> tuple[list[dict], str | None]:
-        rows = {"start": self.local_rows.start, "end": self.local_rows.stop}
-        if self._faiss is None:
-            return [{"file": None, "bytes": 0, "crc32": 0, **rows}], None
-        file_path = os.path.join(tmp, f"faiss.rank{self.world.rank:05d}.index")
-        try:
-            data = faiss_index.import_faiss().serialize_index(self._faiss).tobytes()
-            return [{**io.write_bytes(data, file_path), **rows}], None
-        except OSError as e:
-            return [], f"writing {file_path}: {e}"
-
-    @staticmethod
-    def load(
-        path: str,
-        world: World,
-        mode: str = "flat",
-        faiss_index_type: str = "flat",
-        faiss_code_size: int | None = None,
-        faiss_nprobe: int | None = None,
-    ) -> DistributedIndex:
-        """COLLECTIVE: load an index saved by `save` (flat: under any world size; faiss: under the saving one).
-
-        A flat-saved index can be loaded in faiss mode (the faiss index is then trained on the saved embeddings).
-        UserError when ``path`` holds no complete index or a file is missing or corrupted (on every rank).
-        """
-        index, error = None, None
-        try:
-            index = _load_local(path, world, mode, faiss_index_type, faiss_code_size, faiss_nprobe)
-        except UserError as e:
-            error = str(e)
-        errors = [e for e in dist.all_gather_object(error) if e]
-        if errors:
-            raise UserError(errors[0])
-        assert index is not None
-        logger.info("loaded index from %s: %d passages, %d on this rank", path, len(index), len(index.local_rows))
-        return index
-
-
-def _load_local(
-    path: str, world: World, mode: str, index_type: str, code_size: int | None, nprobe: int | None
-) -> DistributedIndex:
-    manifest = io.read_manifest(path)
-    store = io.open_store(path, manifest)
-    saved = manifest["faiss"]
-    if saved is None:
-        index = DistributedIndex(store, manifest["dim"], world, mode, index_type, code_size, nprobe)
-        dtype = np.float16 if index.dtype == torch.float16 else np.float32  # the index's in-memory dtype
-        rows = io.read_rows(path, manifest, index.local_rows.start, index.local_rows.stop, dtype)  # (N_local, d)
-        index.set_embeddings(torch.from_numpy(rows))
-    else:
-        if mode != "faiss":
-            raise UserError(
-                f"the index at {path} was saved in faiss mode ({saved['index_type']}) and holds no full embeddings: "
-                "load it with --index_mode faiss, or rebuild a flat index"
-            )
-        if saved["world_size"] != world.world_size:
-            raise UserError(
-                f"the faiss index at {path} was saved by {saved['world_size']} processes and must be loaded by as many "
-                f"(running {world.world_size}); flat indexes load under any world size"
-            )
-        if (index_type, code_size) != (saved["index_type"], saved["code_size"]):
-            logger.warning("using the saved faiss type %s (code size %s)", saved["index_type"], saved["code_size"])
-        index = DistributedIndex(
-            store, manifest["dim"], world, "faiss", saved["index_type"], saved["code_size"], nprobe
-        )
-        entry = saved["files"][world.rank]
-        if entry["file"] is not None:
-            data = io.read_checked_bytes(path, entry)
-            faiss = faiss_index.import_faiss()
-            index._faiss = faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))  # already the concrete type
-            if index._faiss.ntotal != len(index.local_rows) or index._faiss.d != index.dim:
-                raise UserError(f"faiss file {os.path.join(path, entry['file'])} does not match the manifest")
-            faiss_index.set_nprobe(index._faiss, nprobe)
-        index._ready = True
-    index.source_path = path
-    return index

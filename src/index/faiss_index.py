@@ -29,7 +29,7 @@ from src.errors import UserError
 
 logger = logging.getLogger(__name__)
 
-INDEX_TYPES = ("flat", "ivfflat", "sq", "ivfsq", "pq", "ivfpq")
+INDEX_TYPES = ("flat", "ivfflat", "ivfsq", "sq", "pq", "ivfpq")
 _SQ_BITS = {4: "QT_4bit", 6: "QT_6bit", 8: "QT_8bit", 16: "QT_fp16"}
 
 

@@ -1,0 +1,132 @@
+"""The collate step: examples and their passages -> the token tensors the model reads (as FiD's Collator).
+
+`collate` is the only place that tokenises for the model. The reader reads each query with its first n_context
+passages as (B, K, L); the retriever loss reads the query (B, Lq) and all retriever_n_context passages (B*K', Lp),
+and the reader scores those K' passages as (B, K', L). `Atlas` maps these tensors to losses and generations.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from src.config import AtlasConfig
+from src.passages import EMPTY_PASSAGE, format_passage
+from src.tasks import Example
+
+
+@dataclass(frozen=True)
+class Tokenizers:
+    """The reader's and the retriever's tokenizers (either is None when that model is not built)."""
+
+    reader: PreTrainedTokenizerBase | None
+    retriever: PreTrainedTokenizerBase | None
+
+
+@dataclass
+class Batch:
+    """Token tensors of one batch of B examples; fields a step does not need are None."""
+
+    reader_ids: torch.Tensor  # (B, K, L) query + passage k, K = n_context
+    reader_mask: torch.Tensor  # (B, K, L)
+    labels: torch.Tensor | None = None  # (B, T) target ids, -100 at padding
+    query_ids: torch.Tensor | None = None  # (B, Lq) retriever query tokens
+    query_mask: torch.Tensor | None = None  # (B, Lq)
+    passage_ids: torch.Tensor | None = None  # (B*K', Lp) retriever passage tokens, K' = retriever_n_context
+    passage_mask: torch.Tensor | None = None  # (B*K', Lp)
+    teacher_ids: torch.Tensor | None = None  # (B, K', L) reader inputs of the K' passages (reader_ids when K' == K)
+    teacher_mask: torch.Tensor | None = None  # (B, K', L)
+
+    def to(self, device: torch.device) -> Batch:
+        """The batch on `device`; a tensor shared by two fields (teacher = reader inputs) is moved once."""
+        moved: dict[int, torch.Tensor] = {}
+
+        def move(t: torch.Tensor | None) -> torch.Tensor | None:
+            if t is not None and id(t) not in moved:
+                moved[id(t)] = t.to(device, non_blocking=True)
+            return None if t is None else moved[id(t)]
+
+        return Batch(**{f.name: move(getattr(self, f.name)) for f in fields(self)})
+
+
+def pad_passages(passages: list[list[dict]], k: int) -> list[list[dict]]:
+    """Exactly k passages per example: truncate, or pad with empty passages when fewer are available."""
+    return [(list(ps) + [EMPTY_PASSAGE] * k)[:k] for ps in passages]
+
+
+def retriever_maxlength(tokenizers: Tokenizers, cfg: AtlasConfig) -> int:
+    return min(cfg.text_maxlength, tokenizers.retriever.model_max_length, 512)
+
+
+def retriever_tokens(tokenizers: Tokenizers, texts: list[str], cfg: AtlasConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Retriever token ids and mask (n, L) of queries or formatted passages, padded to the longest."""
+    enc = tokenizers.retriever(
+        texts, max_length=retriever_maxlength(tokenizers, cfg), truncation=True, padding="longest", return_tensors="pt"
+    )
+    return enc.input_ids, enc.attention_mask
+
+
+def retriever_passage_tokens(
+    tokenizers: Tokenizers, passages: list[list[dict]], cfg: AtlasConfig
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Retriever tokens of every passage of every example, flattened: (B*K, L)."""
+    texts = [format_passage(cfg.retriever_format, p) for ps in passages for p in ps]
+    return retriever_tokens(tokenizers, texts, cfg)
+
+
+def reader_tokens(
+    tokenizers: Tokenizers, examples: list[Example], passages: list[list[dict]], k: int, cfg: AtlasConfig
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reader input ids and mask (B, k, L): each query with its first k passages (padded with empty ones).
+
+    L is the longest tokenised pair of the batch, capped at text_maxlength (dynamic padding).
+    """
+    texts = [
+        format_passage(cfg.encoder_format, p, ex.query)
+        for ex, ps in zip(examples, pad_passages(passages, k))
+        for p in ps
+    ]
+    enc = tokenizers.reader(
+        texts, max_length=cfg.text_maxlength, truncation=True, padding="longest", return_tensors="pt"
+    )
+    return enc.input_ids.view(len(examples), k, -1), enc.attention_mask.view(len(examples), k, -1)
+
+
+def target_tokens(tokenizers: Tokenizers, targets: list[str], max_length: int | None) -> torch.Tensor:
+    """Target strings -> labels (B, T) ending in </s>, padding set to -100 (ignored by the loss)."""
+    enc = tokenizers.reader(targets, max_length=max_length, truncation=max_length is not None, padding="longest",
+                            return_tensors="pt")  # fmt: skip
+    return enc.input_ids.masked_fill(enc.attention_mask == 0, -100)
+
+
+def collate(
+    examples: list[Example],
+    passages: list[list[dict]],
+    tokenizers: Tokenizers,
+    cfg: AtlasConfig,
+    *,
+    targets: bool = True,
+    retriever: bool = False,
+) -> Batch:
+    """The batch the model reads: reader inputs, and the targets and retriever inputs when asked for."""
+    ids, mask = reader_tokens(tokenizers, examples, passages, cfg.n_context, cfg)
+    batch = Batch(ids, mask)
+    if targets:
+        batch.labels = target_tokens(tokenizers, [ex.target for ex in examples], cfg.target_maxlength)
+    if retriever:
+        k = cfg.retriever_n_context
+        passage_lists = pad_passages(passages, k)
+        batch.query_ids, batch.query_mask = retriever_tokens(tokenizers, [ex.query for ex in examples], cfg)
+        batch.passage_ids, batch.passage_mask = retriever_passage_tokens(tokenizers, passage_lists, cfg)
+        if k == cfg.n_context:  # the reader's inputs already hold these passages: tokenise them once
+            batch.teacher_ids, batch.teacher_mask = ids, mask
+        else:
+            batch.teacher_ids, batch.teacher_mask = reader_tokens(tokenizers, examples, passages, k, cfg)
+    return batch
+
+
+def decode(tokenizers: Tokenizers, tokens: torch.Tensor) -> list[str]:
+    """Generated token ids (B, T) -> strings, special tokens such as <extra_id_0> stripped."""
+    return [text.strip() for text in tokenizers.reader.batch_decode(tokens, skip_special_tokens=True)]

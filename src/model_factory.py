@@ -1,0 +1,113 @@
+"""Build the Atlas model and its tokenizers: from pretrained parts, or with the weights of a checkpoint.
+
+The checkpoint (a released Atlas `model.pth.tar`, one of ours, or the run's own resume state) is read by
+`src.checkpoint`; this module only turns its `model` state dict into modules: DDP prefixes and the persistent
+position_ids of transformers 4.18 BERT are dropped, and a tied retriever is copied into the query and passage
+encoders for query-side training.
+"""
+
+import contextlib
+import logging
+
+import torch
+from transformers import T5Config
+
+from src import reader as fid
+from src import retriever as contriever
+from src.atlas import Atlas
+from src.batching import Tokenizers
+from src.config import AtlasConfig, ModelConfig
+from src.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+
+def clean_state_dict(state: dict) -> dict:
+    """Strip DDP `.module` prefixes and the persistent position_ids buffers of transformers 4.18 BERT."""
+    cleaned = {}
+    for key, value in state.items():
+        key = key.replace(".module.", ".").removeprefix("module.")
+        if not key.endswith("embeddings.position_ids"):
+            cleaned[key] = value
+    return cleaned
+
+
+def adapt_retriever_keys(state: dict, query_side: bool) -> dict:
+    """Duplicate a tied retriever's weights into query/passage encoders for query-side training."""
+    has_untied = any(k.startswith("retriever.query_contriever.") for k in state)
+    if query_side and not has_untied:
+        out = {k: v for k, v in state.items() if not k.startswith("retriever.contriever.")}
+        for key, value in state.items():
+            if key.startswith("retriever.contriever."):
+                suffix = key.removeprefix("retriever.contriever.")
+                out[f"retriever.query_contriever.{suffix}"] = value
+                out[f"retriever.passage_contriever.{suffix}"] = value.clone()
+        return out
+    return state
+
+
+@contextlib.contextmanager
+def hub_errors(flag: str, name: str):
+    """Turn a model that cannot be loaded (not cached and no network, or not a model directory) into a UserError."""
+    try:
+        yield
+    except OSError as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"{flag} {name}: cannot load it ({reason})") from None
+
+
+def build_model(
+    cfg: ModelConfig, atlas_cfg: AtlasConfig, device: torch.device, checkpoint: dict | None = None
+) -> tuple[Atlas, Tokenizers]:
+    """The model the settings ask for, with `checkpoint["model"]` weights when a checkpoint is given."""
+    state = clean_state_dict(checkpoint["model"]) if checkpoint else {}
+    query_side = bool(cfg.query_side_retriever_training or any(".query_contriever." in k for k in state))
+    reader = reader_tok = retriever = retriever_tok = None
+    if cfg.with_reader:
+        with hub_errors("--reader_model_type", cfg.reader_model_type):
+            reader_tok = fid.load_reader_tokenizer(cfg.reader_model_type)
+            if checkpoint:  # weights come from the checkpoint: build the architecture only
+                config = T5Config.from_pretrained(cfg.reader_model_type, dropout_rate=cfg.dropout)
+                reader = fid.reader_from_config(config)
+            else:
+                reader = fid.load_reader(cfg.reader_model_type, dropout=cfg.dropout)
+        if cfg.eager_attention:  # evalnormsum reads attention probabilities, which fused kernels do not return
+            reader.set_attn_implementation("eager")
+    if cfg.with_retriever:
+        with hub_errors("--retriever_model_path", cfg.retriever_model_path):
+            retriever_tok = contriever.load_tokenizer(cfg.retriever_model_path)
+            encoder = contriever.load_encoder(cfg.retriever_model_path, cfg.uncentered_layernorm)
+        retriever = contriever.Retriever(encoder, query_side=query_side)
+    enable_gradient_checkpointing(reader, retriever, cfg)
+    model = Atlas(reader, retriever, atlas_cfg)
+    if checkpoint:
+        load_weights(model, adapt_retriever_keys(state, query_side), cfg)
+    return model.to(device), Tokenizers(reader_tok, retriever_tok)
+
+
+def enable_gradient_checkpointing(reader, retriever, cfg: ModelConfig) -> None:
+    """Switch gradient checkpointing on once, at build time (the original toggled it around every forward)."""
+    kwargs = {"gradient_checkpointing_kwargs": {"use_reentrant": False}}
+    if reader is not None and cfg.use_gradient_checkpoint_reader:
+        reader.gradient_checkpointing_enable(**kwargs)
+    if retriever is not None and cfg.use_gradient_checkpoint_retriever:
+        for encoder in {id(m): m for m in (retriever.query_encoder, retriever.passage_encoder)}.values():
+            encoder.gradient_checkpointing_enable(**kwargs)
+
+
+def load_weights(model: Atlas, state: dict, cfg: ModelConfig) -> None:
+    """Load the parts of `state` this model has, strictly for the parts it has."""
+    keep = tuple(p for p, part in (("reader.", model.reader), ("retriever.", model.retriever)) if part is not None)
+    if model.retriever is not None and not any(k.startswith("retriever.") for k in state):
+        # a closed-book or --use_file_passages run saves no retriever: pair its reader with the pretrained one
+        logger.info("the checkpoint has no retriever: using --retriever_model_path %s", cfg.retriever_model_path)
+        keep = ("reader.",)
+    state = {k: v for k, v in state.items() if k.startswith(keep)}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if k.startswith(keep) and not k.endswith("position_ids")]
+    if missing or unexpected:
+        shown = ", ".join((missing + unexpected)[:5])
+        raise UserError(
+            f"--model_path {cfg.model_path}: checkpoint does not match --reader_model_type/--retriever_model_path "
+            f"({len(missing)} missing, {len(unexpected)} unexpected keys, e.g. {shown})"
+        )
