@@ -97,15 +97,33 @@ class Atlas(nn.Module):
         return out
 
     @torch.no_grad()
-    def eval_loss(self, batch: Batch) -> torch.Tensor:
-        """Reader loss on the batch in eval mode (the `eval_loss` metric)."""
+    def eval_outputs(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Reader loss in eval mode (the `eval_loss` metric) and, for multiple choice, the options' logits (B, C)
+        at the position where they differ, read with teacher forcing on the target (as the original)."""
         with eval_mode(self.reader):
-            return fid.forward(self.reader, batch.reader_ids, batch.reader_mask, batch.labels).loss
+            out = fid.forward(self.reader, batch.reader_ids, batch.reader_mask, batch.labels)
+        if batch.choice_ids is None:
+            return out.loss, None
+        at_position = out.logits[torch.arange(len(batch.choice_position)), batch.choice_position]  # (B, V)
+        return out.loss, at_position.gather(1, batch.choice_ids).float()  # (B, C)
+
+    def eval_loss(self, batch: Batch) -> torch.Tensor:
+        return self.eval_outputs(batch)[0]
 
     @torch.no_grad()
     def generate(self, batch: Batch) -> torch.Tensor:
-        """Generated token ids (B, T) for the batch's reader inputs."""
+        """Generated token ids (B, T) for the batch's reader inputs; with decoder prompts, each generation starts with
+        its prompt's tokens (forced), as the original's prompt-constrained generation."""
         cfg = self.config
+        allowed = None
+        if batch.decoder_prompts is not None:
+            prompts, everything = batch.decoder_prompts, list(range(self.reader.config.vocab_size))
+
+            def allowed(example: int, generated: torch.Tensor) -> list[int]:
+                position = generated.shape[-1] - 1  # tokens after the decoder start token
+                prompt = prompts[example]
+                return [prompt[position]] if position < len(prompt) else everything
+
         with eval_mode(self.reader):
             return fid.generate(
                 self.reader,
@@ -115,4 +133,5 @@ class Atlas(nn.Module):
                 min_length=cfg.generation_min_length,
                 num_beams=cfg.generation_num_beams,
                 length_penalty=cfg.generation_length_penalty,
+                prefix_allowed_tokens_fn=allowed,
             )

@@ -38,6 +38,9 @@ class Batch:
     passage_mask: torch.Tensor | None = None  # (B*K', Lp)
     teacher_ids: torch.Tensor | None = None  # (B, K', L) reader inputs of the K' passages (reader_ids when K' == K)
     teacher_mask: torch.Tensor | None = None  # (B, K', L)
+    choice_position: torch.Tensor | None = None  # (B,) multiple choice: the target position where options differ
+    choice_ids: torch.Tensor | None = None  # (B, C) each option's token there (scored with teacher forcing)
+    decoder_prompts: list[list[int]] | None = None  # --decoder_prompt_format: each example's forced prompt tokens
 
     def to(self, device: torch.device) -> Batch:
         """The batch on `device`; a tensor shared by two fields (teacher = reader inputs) is moved once."""
@@ -48,7 +51,8 @@ class Batch:
                 moved[id(t)] = t.to(device, non_blocking=True)
             return None if t is None else moved[id(t)]
 
-        return Batch(**{f.name: move(getattr(self, f.name)) for f in fields(self)})
+        return Batch(**{f.name: move(v) if isinstance(v := getattr(self, f.name), torch.Tensor) or v is None else v
+                        for f in fields(self)})  # fmt: skip
 
 
 def pad_passages(passages: list[list[dict]], k: int) -> list[list[dict]]:
@@ -101,6 +105,48 @@ def target_tokens(tokenizers: Tokenizers, targets: list[str], max_length: int | 
     return enc.input_ids.masked_fill(enc.attention_mask == 0, -100)
 
 
+def decoder_text(target: str, query: str, cfg: AtlasConfig) -> tuple[str, str]:
+    """(prompt, target) as the decoder reads them: --decoder_format applied to the target, --decoder_prompt_format
+    (formatted with the query) before it; the prompt is "" without that flag."""
+    if cfg.decoder_format is not None:
+        target = cfg.decoder_format.format(target=target)
+    prompt = "" if cfg.decoder_prompt_format is None else cfg.decoder_prompt_format.format(query=query)
+    return prompt, target
+
+
+def prompt_tokens(tokenizers: Tokenizers, prompts: list[str]) -> list[list[int]]:
+    """Token ids of decoder prompts, without special tokens (empty lists for empty prompts)."""
+    return [ids for ids in tokenizers.reader(prompts, add_special_tokens=False).input_ids]
+
+
+def labels_for(tokenizers: Tokenizers, examples: list[Example], cfg: AtlasConfig) -> torch.Tensor:
+    """Labels (B, T) of the examples' targets; decoder prompt tokens are set to -100 (the model is not trained to
+    write the prompt, as the original)."""
+    texts = [decoder_text(ex.target, ex.query, cfg) for ex in examples]
+    labels = target_tokens(tokenizers, [prompt + target for prompt, target in texts], cfg.target_maxlength)
+    if cfg.decoder_prompt_format is not None:
+        for b, ids in enumerate(prompt_tokens(tokenizers, [prompt for prompt, _ in texts])):
+            labels[b, : len(ids)] = -100
+    return labels
+
+
+def choice_tokens(
+    tokenizers: Tokenizers, examples: list[Example], cfg: AtlasConfig
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Multiple choice: for each example, the first target position where its options' tokens differ (B,) and each
+    option's token there (B, C). The options share the target's prefix, so teacher forcing reads all of them."""
+    positions, ids = [], []
+    for ex in examples:
+        options = [prompt + target for prompt, target in (decoder_text(c, ex.query, cfg) for c in ex.choices)]
+        tokens = tokenizers.reader(options).input_ids
+        position = next((t for t in range(min(map(len, tokens))) if len({x[t] for x in tokens}) > 1), None)
+        if position is None:
+            raise ValueError(f"the options {ex.choices} are not told apart by their tokens")
+        positions.append(position)
+        ids.append([x[position] for x in tokens])
+    return torch.tensor(positions), torch.tensor(ids)
+
+
 def collate(
     examples: list[Example],
     passages: list[list[dict]],
@@ -114,7 +160,11 @@ def collate(
     ids, mask = reader_tokens(tokenizers, examples, passages, cfg.n_context, cfg)
     batch = Batch(ids, mask)
     if targets:
-        batch.labels = target_tokens(tokenizers, [ex.target for ex in examples], cfg.target_maxlength)
+        batch.labels = labels_for(tokenizers, examples, cfg)
+        if examples and all(ex.choices for ex in examples):
+            batch.choice_position, batch.choice_ids = choice_tokens(tokenizers, examples, cfg)
+    if cfg.decoder_prompt_format is not None:
+        batch.decoder_prompts = prompt_tokens(tokenizers, [decoder_text("", ex.query, cfg)[0] for ex in examples])
     if retriever:
         k = cfg.retriever_n_context
         passage_lists = pad_passages(passages, k)
@@ -127,6 +177,10 @@ def collate(
     return batch
 
 
-def decode(tokenizers: Tokenizers, tokens: torch.Tensor) -> list[str]:
-    """Generated token ids (B, T) -> strings, special tokens such as <extra_id_0> stripped."""
-    return [text.strip() for text in tokenizers.reader.batch_decode(tokens, skip_special_tokens=True)]
+def decode(tokenizers: Tokenizers, tokens: torch.Tensor, prompts: list[list[int]] | None = None) -> list[str]:
+    """Generated token ids (B, T) -> strings, special tokens such as <extra_id_0> stripped; a forced decoder prompt
+    (after the start token) is removed first."""
+    rows = tokens.tolist()
+    if prompts is not None:
+        rows = [row[1 + len(prompt) :] for row, prompt in zip(rows, prompts)]
+    return [text.strip() for text in tokenizers.reader.batch_decode(rows, skip_special_tokens=True)]

@@ -22,6 +22,8 @@ class AtlasConfig:
     target_maxlength: int | None = None
     encoder_format: str = "{query} title: {title} context: {text}"
     retriever_format: str = "{title} {text}"
+    decoder_format: str | None = None  # the target as the decoder writes it, e.g. "answer: {target}"
+    decoder_prompt_format: str | None = None  # a prompt the decoder is given and must not learn, e.g. "{query} ->"
     train_retriever: bool = False
     gold_score_mode: str = "ppmean"
     temperature_gold: float = 0.01

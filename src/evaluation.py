@@ -38,6 +38,22 @@ def reduce_means(sums: dict[str, float], counts: dict[str, float]) -> dict[str, 
     return {n: (packed[i] / packed[len(names) + i]).item() for i, n in enumerate(names) if packed[len(names) + i] > 0}
 
 
+def eval_names(paths: list[str]) -> dict[str, str]:
+    """A name per eval file for metric keys and results files: its stem, or (when stems collide) the stem prefixed by
+    as many parent directories as tell the files apart ("nq/dev.jsonl" -> "nq-dev")."""
+    names = {}
+    for path in paths:
+        parts = Path(path).with_suffix("").parts
+        for depth in range(1, len(parts) + 1):
+            name = "-".join(parts[-depth:])
+            if all(
+                name != "-".join(Path(o).with_suffix("").parts[-depth:]) for o in paths if o != path
+            ) or depth == len(parts):
+                names[path] = name
+                break
+    return names
+
+
 class Evaluator:
     """Evaluates the model on the --eval_data files: `__call__(model, index, step)` -> `{file_stem}/{metric}`."""
 
@@ -45,6 +61,7 @@ class Evaluator:
         self, task: Task, cfg: EvalConfig, tokenizers: Tokenizers, world: dist.World, data: list[EvalData]
     ) -> None:
         self.task, self.cfg, self.tokenizers, self.world, self.data = task, cfg, tokenizers, world, data
+        self.names = eval_names([path for path, _ in data])
 
     def __call__(self, model: Atlas, index: DistributedIndex | None, step: int) -> dict[str, float]:
         results = {}
@@ -52,7 +69,7 @@ class Evaluator:
         for path, instances in self.data:
             scores, _ = evaluate(model, index, path, instances, step)
             logger.info("%s step %d | %s", path, step, " | ".join(f"{k} {v:.2f}" for k, v in scores.items()))
-            results.update({f"{Path(path).stem}/{k}": v for k, v in scores.items()})
+            results.update({f"{self.names[path]}/{k}": v for k, v in scores.items()})
         return results
 
     def evaluate_file(self, model: Atlas, index, path: str, instances: list[RawInstance], step: int):
@@ -66,13 +83,21 @@ class Evaluator:
             if not examples:
                 continue
             batch = collate(examples, passages, self.tokenizers, model.config).to(model.device)
+            loss, choice_logits = model.eval_outputs(batch)
             if "eval_loss" in task.metrics:
-                add(sums, counts, "eval_loss", model.eval_loss(batch).item())
-            generations = decode(self.tokenizers, model.generate(batch))
-            for ex, ps, generation in zip(examples, passages, generations):
+                add(sums, counts, "eval_loss", loss.item())
+            generations = decode(self.tokenizers, model.generate(batch), batch.decoder_prompts)
+            for b, (ex, ps, generation) in enumerate(zip(examples, passages, generations)):
                 for name, value in task.evaluate(generation, ex.answers).items():
                     add(sums, counts, name, 100.0 * value)
-                rows.append(self.result_row(ex, ps[: cfg.n_context], generation=generation))
+                row = self.result_row(ex, ps[: cfg.n_context], generation=generation)
+                if choice_logits is not None:
+                    row["choice_logits"] = choice_logits[b].tolist()
+                rows.append(row)
+        rows, extra = task.postprocess(rows)
+        for name, values in extra.items():
+            for value in values:
+                add(sums, counts, name, 100.0 * value)
         scores = reduce_means(sums, counts)
         written = self.write_results(rows, path, step) if cfg.write_results else None
         return scores, written
@@ -112,7 +137,7 @@ class Evaluator:
 
     def write_results(self, rows: list[dict], path: str, step: int) -> Path:
         """Gather every rank's rows on the main rank and write {checkpoint_dir}/{name}/{stem}-step-{step}.jsonl."""
-        out = self.cfg.run_dir / f"{Path(path).stem}-step-{step}.jsonl"
+        out = self.cfg.run_dir / f"{self.names[path]}-step-{step}.jsonl"
         shards = dist.all_gather_object(rows) if self.world.world_size > 1 else [rows]
         if self.world.is_main:
             out.parent.mkdir(parents=True, exist_ok=True)

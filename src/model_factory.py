@@ -103,6 +103,14 @@ def load_weights(model: Atlas, state: dict, cfg: ModelConfig) -> None:
         logger.info("the checkpoint has no retriever: using --retriever_model_path %s", cfg.retriever_model_path)
         keep = ("reader.",)
     state = {k: v for k, v in state.items() if k.startswith(keep)}
+    own = model.state_dict()
+    wrong = [(k, tuple(v.shape), tuple(own[k].shape)) for k, v in state.items() if k in own and v.shape != own[k].shape]
+    if wrong:
+        key, saved, built = wrong[0]
+        raise UserError(
+            f"--model_path {cfg.model_path}: {key} is {saved} in the checkpoint but {built} in the model built from "
+            f"--reader_model_type/--retriever_model_path ({len(wrong)} tensors differ in shape)"
+        )
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if k.startswith(keep) and not k.endswith("position_ids")]
     if missing or unexpected:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
+import string
 from pathlib import Path
 from typing import Any
 
@@ -288,6 +290,30 @@ def _apply_consequences(opt: argparse.Namespace) -> None:
             setattr(opt, f, False)
 
 
+# The fields each format flag is given (anything else would fail with a KeyError on the first batch).
+FORMAT_FIELDS = {
+    "encoder_format": ("query", "title", "text"),
+    "retriever_format": ("title", "text"),
+    "qa_prompt_format": ("question",),
+    "decoder_format": ("target",),
+    "decoder_prompt_format": ("query",),
+}
+
+
+def format_problem(template: str, allowed: tuple[str, ...]) -> str | None:
+    """Why `template` cannot be formatted with the `allowed` fields, or None when it can."""
+    try:
+        fields = [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
+    except ValueError as err:
+        return f"is not a valid format string ({err})"
+    for name in fields:
+        base = re.split(r"[.\[]", name, maxsplit=1)[0]
+        if base not in allowed:
+            shown = "{" + name + "}"
+            return f"names the field {shown}, which is not one of " + ", ".join("{" + a + "}" for a in allowed)
+    return None
+
+
 _AT_LEAST_ONE = (
     "per_gpu_batch_size per_gpu_embedder_batch_size total_steps text_maxlength n_context retriever_n_context "
     "accumulation_steps save_index_n_shards filtering_overretrieve_ratio n_to_rerank_with_retrieve_with_rerank "
@@ -350,6 +376,11 @@ def _validate(parser: argparse.ArgumentParser, opt: argparse.Namespace, mode: st
         logger.warning("--load_index_path given: ignoring --passages")
     if not (opt.passages or opt.load_index_path or opt.use_file_passages or opt.closed_book):
         err("give --passages or --load_index_path (or --use_file_passages / --closed_book)")
+    for flag, allowed in FORMAT_FIELDS.items():
+        template = getattr(opt, flag)
+        problem = None if template is None else format_problem(template, allowed)
+        if problem:
+            err(f"--{flag} {template!r} {problem}")
     try:
         parse_refresh_schedule(opt.refresh_index)
     except ValueError as e:

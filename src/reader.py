@@ -77,6 +77,7 @@ def generate(
     min_length: int | None = None,
     num_beams: int = 1,
     length_penalty: float = 1.0,
+    prefix_allowed_tokens_fn=None,
 ) -> torch.Tensor:
     """Generated token ids (B, T) from the FiD encoding of (B, K, L) inputs."""
     encoder_outputs, mask = encode(model, input_ids, attention_mask)
@@ -88,4 +89,5 @@ def generate(
         num_beams=num_beams,
         length_penalty=length_penalty,
         do_sample=False,
+        prefix_allowed_tokens_fn=prefix_allowed_tokens_fn,
     )

@@ -10,7 +10,7 @@ from src.atlas import Atlas
 from src.batching import Tokenizers
 from src.checkpoint import read_checkpoint, resume_state
 from src.config import Settings
-from src.data import RawInstance, load_instances
+from src.data import TrainingData
 from src.errors import UserError
 from src.evaluation import EvalData, load_eval_data
 from src.index import DistributedIndex
@@ -29,7 +29,7 @@ class Run:
     settings: Settings
     world: dist.World
     task: Task
-    train_data: list[RawInstance]  # this rank's share of --train_data
+    train_data: TrainingData | None  # this rank's share of --train_data (train.py)
     eval_data: list[EvalData]  # this rank's share of each --eval_data file
     model: Atlas
     tokenizers: Tokenizers
@@ -42,13 +42,17 @@ def setup(argv: list[str] | None, mode: str) -> Run:
     """Parse flags, start the process group, log to {checkpoint_dir}/{name}/run.log, build task/model/index."""
     settings = parse_settings(argv, mode)
     world = dist.init_distributed(settings.local_rank, settings.main_port)
-    setup_logging(world.is_main, settings.run_dir / "run.log")
+    try:
+        settings.run_dir.mkdir(parents=True, exist_ok=True)
+        setup_logging(world.is_main, settings.run_dir / "run.log")
+    except OSError as err:
+        raise UserError(f"--checkpoint_dir: cannot write {settings.run_dir} ({err.strerror or err})") from None
     logger.info("options: %s", " ".join(sys.argv[1:] if argv is None else argv))
     seed_everything(settings.seed + world.rank)
     task = build_task(settings.task, settings.options)
     # Data first: a malformed line or a missing field fails in seconds, before models and the index are built.
     train_data = (
-        load_instances(list(settings.train_data), task, world.rank, world.world_size) if mode == "train" else []
+        TrainingData(list(settings.train_data), task, world.rank, world.world_size) if mode == "train" else None
     )
     eval_data = load_eval_data(task, settings.eval, world)
     # The run's own latest checkpoint wins over --model_path only when --model_path is none (as the original).

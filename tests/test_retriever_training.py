@@ -1,12 +1,10 @@
 """Retriever training: query-side updates, rerank, filtering by id, and index refresh, on the tiny demo world."""
 
-import random
-
 import pytest
 import torch
 
 from src.batching import collate, reader_tokens, retriever_passage_tokens, retriever_tokens
-from src.data import load_instances, training_batches
+from src.data import TrainingBatches, load_instances
 from src.distributed import World
 from src.gold_scores import emdr_loss
 from src.index.refresh import build_index, refresh_index
@@ -51,7 +49,7 @@ def test_query_side_training_moves_only_the_query_encoder(setup):
     settings, model, tokenizers, index = setup("--query_side_retriever_training")
     task = build_task("qa", settings.options)
     before = {k: v.clone() for k, v in model.retriever.state_dict().items()}
-    batches = training_batches(load_instances(list(settings.train_data), task), task, 2, False, random.Random(0))
+    batches = TrainingBatches(load_instances(list(settings.train_data), task), task, 2, False, 0)
     trainer = Trainer(model, tokenizers, index, task, settings, CPU)
     for step in range(1, 4):
         trainer.train_step(batches, step)

@@ -5,7 +5,7 @@ import random
 
 import pytest
 
-from src.data import eval_batches, load_instances, read_jsonl, training_batches
+from src.data import DataPosition, TrainingBatches, TrainingData, eval_batches, load_instances, read_jsonl
 from src.errors import UserError
 from src.metrics import answer_in_text, exact_match, f1, normalize_answer
 from src.tasks import build_task
@@ -76,5 +76,51 @@ def test_instances_are_sharded_round_robin_and_batched(tmp_path):
     assert sorted(inst.obj["question"] for shard in shards for inst in shard) == sorted(r["question"] for r in rows)
     assert [len(s) for s in shards] == [3, 2, 2]
     assert [len(b) for b in eval_batches(shards[0], task, 2)] == [2, 1]
-    batches = training_batches(shards[1], task, 3, shuffle=True, rng=random.Random(0))
+    batches = TrainingBatches(shards[1], task, 3, shuffle=True, seed=0)
     assert all(len(next(batches)) == 3 for _ in range(4))  # a shard smaller than the batch still yields batches
+    streamed = [TrainingData([path], task, rank, 3) for rank in range(3)]  # what train.py reads: lines by offset
+    assert [[i.obj for i in s] for s in streamed] == [[i.obj for i in s] for s in shards]
+    assert streamed[2][1].where == f"{path}:6"
+
+
+def test_training_batches_resume_from_a_saved_position(tmp_path):
+    rows = [{"question": f"q{i}", "answers": [f"a{i}", f"b{i}", f"c{i}"]} for i in range(5)]
+    data = TrainingData([write_jsonl(tmp_path / "d.jsonl", rows)], build_task("qa"))
+
+    def texts(batches, n):
+        return [[(ex.query, ex.target) for ex in next(batches)] for _ in range(n)]
+
+    full = texts(TrainingBatches(data, build_task("qa"), 2, shuffle=True, seed=3), 9)  # 18 examples: 3.6 epochs
+    first = TrainingBatches(data, build_task("qa"), 2, shuffle=True, seed=3)
+    head = texts(first, 4)
+    saved = DataPosition(**vars(first.position))
+    assert (saved.epoch, saved.index) == (1, 3)
+    resumed = TrainingBatches(data, build_task("qa"), 2, shuffle=True, seed=3, position=saved)
+    assert head + texts(resumed, 5) == full
+    queries = [q for batch in full for q, _ in batch]
+    for epoch in range(3):  # each epoch reads every instance once, in its own order
+        assert sorted(queries[5 * epoch : 5 * epoch + 5]) == sorted(
+            f"question: q{i} answer: <extra_id_0>" for i in range(5)
+        )
+    assert queries[:5] != queries[5:10]
+
+
+def test_non_utf8_byte_names_file_and_line(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(b'{"question": "q", "answers": ["a"]}\n{"question": "caf\xe9", "answers": ["a"]}\n')
+    with pytest.raises(UserError, match=r"d\.jsonl:2: not valid UTF-8 \(byte 0xe9"):
+        load_instances([str(path)], build_task("qa"))
+    with pytest.raises(UserError, match=r"d\.jsonl:2: not valid UTF-8"):
+        TrainingData([str(path)], build_task("qa"))
+
+
+def test_empty_file_gold_ids_string_and_empty_answers_are_named(tmp_path):
+    empty = write_jsonl(tmp_path / "empty.jsonl", [])
+    with pytest.raises(UserError, match=r"empty\.jsonl: no usable instance"):
+        load_instances([empty], build_task("qa"))
+    bad = write_jsonl(tmp_path / "d.jsonl", [{"question": "q", "answers": ["a"], "gold_ids": "123"}])
+    with pytest.raises(UserError, match=r"d\.jsonl:1: field 'gold_ids' must be a list"):
+        load_instances([bad], build_task("qa"))
+    none = write_jsonl(tmp_path / "n.jsonl", [{"question": "q", "answers": []}])
+    with pytest.raises(UserError, match=r"n\.jsonl:1: field 'answers' of task 'qa' is empty"):
+        load_instances([none], build_task("qa"))

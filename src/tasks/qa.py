@@ -22,14 +22,14 @@ class Task(BaseTask):
             raise UserError(f"{where}: task 'qa' needs the field 'answers' (or 'target')")
         if answers is not None and (not isinstance(answers, list) or not all(isinstance(a, str) for a in answers)):
             raise UserError(f"{where}: field 'answers' of task 'qa' must be a list of strings")
-        answers = answers or [raw["target"]]
         if "target" in raw:
             target = self.require(raw, "target", where)
         elif answers:
             target = rng.choice(answers)  # re-drawn each time the example is read, so each epoch may differ
         else:
-            raise UserError(f"{where}: field 'answers' of task 'qa' is empty")
-        metadata = {k: v for k, v in raw.items() if k not in ("question", "passages")}
+            raise UserError(f"{where}: field 'answers' of task 'qa' is empty and there is no 'target'")
+        answers = answers or [target]
+        metadata = self.metadata(raw, where, ("question", "passages"))
         query = self.prompt_format.format(question=question)
         return Example(query, f"<extra_id_0> {target}", answers, self.file_passages(raw, where), metadata)
 
