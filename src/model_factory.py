@@ -56,16 +56,33 @@ def hub_errors(flag: str, name: str):
         raise UserError(f"{flag} {name}: cannot load it ({reason})") from None
 
 
-def build_model(
-    cfg: ModelConfig, atlas_cfg: AtlasConfig, device: torch.device, checkpoint: dict | None = None
-) -> tuple[Atlas, Tokenizers]:
-    """The model the settings ask for, with `checkpoint["model"]` weights when a checkpoint is given."""
-    state = clean_state_dict(checkpoint["model"]) if checkpoint else {}
-    query_side = bool(cfg.query_side_retriever_training or any(".query_contriever." in k for k in state))
-    reader = reader_tok = retriever = retriever_tok = None
+def load_tokenizers(cfg: ModelConfig) -> Tokenizers:
+    """The tokenizers of the models the settings build (None for a model that is not built)."""
+    reader_tok = retriever_tok = None
     if cfg.with_reader:
         with hub_errors("--reader_model_type", cfg.reader_model_type):
             reader_tok = fid.load_reader_tokenizer(cfg.reader_model_type)
+    if cfg.with_retriever:
+        with hub_errors("--retriever_model_path", cfg.retriever_model_path):
+            retriever_tok = contriever.load_tokenizer(cfg.retriever_model_path)
+    return Tokenizers(reader_tok, retriever_tok)
+
+
+def build_model(
+    cfg: ModelConfig,
+    atlas_cfg: AtlasConfig,
+    device: torch.device,
+    checkpoint: dict | None = None,
+    tokenizers: Tokenizers | None = None,
+) -> tuple[Atlas, Tokenizers]:
+    """The model the settings ask for, with `checkpoint["model"]` weights when a checkpoint is given, and its
+    tokenizers (loaded unless given)."""
+    tokenizers = tokenizers or load_tokenizers(cfg)
+    state = clean_state_dict(checkpoint["model"]) if checkpoint else {}
+    query_side = bool(cfg.query_side_retriever_training or any(".query_contriever." in k for k in state))
+    reader = retriever = None
+    if cfg.with_reader:
+        with hub_errors("--reader_model_type", cfg.reader_model_type):
             if checkpoint:  # weights come from the checkpoint: build the architecture only
                 config = T5Config.from_pretrained(cfg.reader_model_type, dropout_rate=cfg.dropout)
                 reader = fid.reader_from_config(config)
@@ -75,14 +92,13 @@ def build_model(
             reader.set_attn_implementation("eager")
     if cfg.with_retriever:
         with hub_errors("--retriever_model_path", cfg.retriever_model_path):
-            retriever_tok = contriever.load_tokenizer(cfg.retriever_model_path)
             encoder = contriever.load_encoder(cfg.retriever_model_path, cfg.uncentered_layernorm)
         retriever = contriever.Retriever(encoder, query_side=query_side)
     enable_gradient_checkpointing(reader, retriever, cfg)
     model = Atlas(reader, retriever, atlas_cfg)
     if checkpoint:
         load_weights(model, adapt_retriever_keys(state, query_side), cfg)
-    return model.to(device), Tokenizers(reader_tok, retriever_tok)
+    return model.to(device), tokenizers
 
 
 def enable_gradient_checkpointing(reader, retriever, cfg: ModelConfig) -> None:

@@ -16,7 +16,7 @@ from src.evaluation import EvalData, load_eval_data
 from src.index import DistributedIndex
 from src.index.refresh import build_index
 from src.logs import setup_logging
-from src.model_factory import build_model
+from src.model_factory import build_model, load_tokenizers
 from src.options import parse_settings
 from src.tasks import Task, build_task
 from src.training import seed_everything
@@ -49,7 +49,8 @@ def setup(argv: list[str] | None, mode: str) -> Run:
         raise UserError(f"--checkpoint_dir: cannot write {settings.run_dir} ({err.strerror or err})") from None
     logger.info("options: %s", " ".join(sys.argv[1:] if argv is None else argv))
     seed_everything(settings.seed + world.rank)
-    task = build_task(settings.task, settings.options)
+    tokenizers = load_tokenizers(settings.model)
+    task = build_task(settings.task, settings.options, tokenizers.reader)
     # Data first: a malformed line or a missing field fails in seconds, before models and the index are built.
     train_data = (
         TrainingData(list(settings.train_data), task, world.rank, world.world_size) if mode == "train" else None
@@ -58,7 +59,7 @@ def setup(argv: list[str] | None, mode: str) -> Run:
     # The run's own latest checkpoint wins over --model_path only when --model_path is none (as the original).
     resume = resume_state(settings.run_dir) if settings.model.model_path is None else None
     source = resume or (read_checkpoint(settings.model.model_path) if settings.model.model_path else None)
-    model, tokenizers = build_model(settings.model, settings.atlas, world.device, source)
+    model, tokenizers = build_model(settings.model, settings.atlas, world.device, source, tokenizers)
     index = build_index(settings.index, model, tokenizers, world)
     step = int(resume["step"]) if resume else 0
     return Run(settings, world, task, train_data, eval_data, model, tokenizers, index, step, resume)
