@@ -81,3 +81,41 @@ def test_user_mistakes_end_in_one_line(demo, tmp_path):
     assert result.returncode == 2 and "task 'qa' needs the field 'question'" in result.stderr
     result = run(["evaluate.py", *common(demo, tmp_path), "--task", "nope"])
     assert result.returncode == 2 and "invalid choice" in result.stderr
+
+
+def test_eval_files_with_the_same_name_keep_their_own_metrics_and_results(demo, trained, tmp_path):
+    rows = (demo / "data/dev.jsonl").read_text().splitlines()
+    for name, part in (("a", rows[:3]), ("b", rows[3:8])):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "dev.jsonl").write_text("\n".join(part) + "\n")
+    args = common(demo, trained) + [
+        "--name", "same-stem", "--model_path", str(trained / "tiny/checkpoint/latest"), "--write_results",
+        "--eval_data", str(tmp_path / "a/dev.jsonl"), str(tmp_path / "b/dev.jsonl"),
+    ]  # fmt: skip
+    result = run(["evaluate.py", *args])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "a-dev/exact_match:" in result.stdout and "b-dev/exact_match:" in result.stdout
+    assert len((trained / "same-stem/a-dev-step-0.jsonl").read_text().splitlines()) == 3
+    assert len((trained / "same-stem/b-dev-step-0.jsonl").read_text().splitlines()) == 5
+
+
+def test_checkpoint_of_other_shapes_and_unwritable_checkpoint_dir_are_one_line(demo, trained, tmp_path):
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    wider = tmp_path / "wider_reader"
+    config = T5Config.from_pretrained(demo / "models/reader")
+    config.d_model *= 2
+    T5ForConditionalGeneration(config).save_pretrained(wider)
+    for tokenizer_file in (demo / "models/reader").glob("*token*"):
+        (wider / tokenizer_file.name).write_bytes(tokenizer_file.read_bytes())
+    (wider / "spiece.model").write_bytes((demo / "models/reader/spiece.model").read_bytes())
+    args = common(demo, trained) + ["--name", "wider", "--model_path", str(trained / "tiny/checkpoint/latest")]
+    result = run(["evaluate.py", *args, "--eval_data", str(demo / "data/dev.jsonl"), "--reader_model_type", str(wider)])
+    last = result.stderr.strip().splitlines()[-1]
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "in the checkpoint but" in last and f"{config.d_model}" in last and "differ in shape" in last
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    result = run(["evaluate.py", *common(demo, blocker), "--eval_data", str(demo / "data/dev.jsonl")])
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith(f"error: --checkpoint_dir: cannot write {blocker}")
