@@ -126,8 +126,12 @@ def train_sentencepiece(lines: list[str], seeds: list[tuple[str, int]], vocab_si
             num_threads=1,
             minloglevel=2,
         )
+    # The trainer records the seed file's path, a temporary one that would make two runs differ: drop it. Some
+    # releases (0.2.0-0.2.2) write the field without having it in their Python proto: there it is an unknown field.
     proto = sentencepiece_model_pb2.ModelProto.FromString(model.getvalue())
-    proto.trainer_spec.ClearField("seed_sentencepieces_file")  # a temporary path: would make two runs differ
+    if "seed_sentencepieces_file" in proto.trainer_spec.DESCRIPTOR.fields_by_name:
+        proto.trainer_spec.ClearField("seed_sentencepieces_file")
+    proto.trainer_spec.DiscardUnknownFields()  # options only training reads; none affect encoding
     return proto.SerializeToString()
 
 

@@ -24,7 +24,7 @@ def pearson(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     x = x.float() - x.float().mean(dim=1, keepdim=True)
     y = y.float() - y.float().mean(dim=1, keepdim=True)
     denominator = (x.norm(dim=1) * y.norm(dim=1)).clamp(min=1e-12)
-    return ((x * y).sum(dim=1) / denominator).mean()
+    return ((x * y).sum(dim=1) / denominator).clamp(-1.0, 1.0).mean()  # rounding can pass ±1 by an ulp
 
 
 class Atlas(nn.Module):

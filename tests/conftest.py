@@ -1,5 +1,6 @@
 """Shared fixtures: a tiny offline demo world (data + small reader/retriever models) built once per session."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -10,8 +11,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def run_script(args: list[str], cwd: Path = ROOT) -> subprocess.CompletedProcess:
-    """Run `python ARGS...` from the repo root, as a user would."""
-    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=900)
+    """Run `python ARGS...` from the repo root, as a user would (offline: no hub lookups, which only time out here)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=900, env=env)
 
 
 @pytest.fixture(scope="session")
