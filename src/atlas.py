@@ -101,7 +101,14 @@ class Atlas(nn.Module):
         """Reader loss in eval mode (the `eval_loss` metric) and, for multiple choice, the options' logits (B, C)
         at the position where they differ, read with teacher forcing on the target (as the original)."""
         with eval_mode(self.reader):
-            out = fid.forward(self.reader, batch.reader_ids, batch.reader_mask, batch.labels)
+            encoder_outputs, mask = fid.encode(self.reader, batch.reader_ids, batch.reader_mask)  # encoded once
+            out = self.reader(encoder_outputs=encoder_outputs, attention_mask=mask, labels=batch.labels)
+            if batch.choice_labels is not None:  # options not told apart by one token: whole-target log-likelihoods
+                scores = []
+                for option in batch.choice_labels.transpose(0, 1).contiguous():  # (B, T) each
+                    logits = self.reader(encoder_outputs=encoder_outputs, attention_mask=mask, labels=option).logits
+                    scores.append(fid.token_log_likelihoods(logits, option).sum(dim=1))  # (B,)
+                return out.loss, torch.stack(scores, dim=1)  # (B, C)
         if batch.choice_ids is None:
             return out.loss, None
         at_position = out.logits[torch.arange(len(batch.choice_position)), batch.choice_position]  # (B, V)

@@ -40,6 +40,7 @@ class Batch:
     teacher_mask: torch.Tensor | None = None  # (B, K', L)
     choice_position: torch.Tensor | None = None  # (B,) multiple choice: the target position where options differ
     choice_ids: torch.Tensor | None = None  # (B, C) each option's token there (scored with teacher forcing)
+    choice_labels: torch.Tensor | None = None  # (B, C, T) each option's labels, when no position tells them apart
     decoder_prompts: list[list[int]] | None = None  # --decoder_prompt_format: each example's forced prompt tokens
 
     def to(self, device: torch.device) -> Batch:
@@ -130,21 +131,27 @@ def labels_for(tokenizers: Tokenizers, examples: list[Example], cfg: AtlasConfig
     return labels
 
 
-def choice_tokens(
-    tokenizers: Tokenizers, examples: list[Example], cfg: AtlasConfig
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Multiple choice: for each example, the first target position where its options' tokens differ (B,) and each
-    option's token there (B, C). The options share the target's prefix, so teacher forcing reads all of them."""
-    positions, ids = [], []
+def choice_tokens(tokenizers: Tokenizers, examples: list[Example], cfg: AtlasConfig) -> dict[str, torch.Tensor]:
+    """How the options of multiple-choice examples are scored.
+
+    As the original: the logit of each option's token at the first target position where the options' tokens differ
+    (they share the target's prefix, so one teacher-forced pass reads them all): `choice_position` (B,) and
+    `choice_ids` (B, C). A tokenizer that splits the options so that some share their token there (the demo's
+    reads "▁A" but "▁", "B") cannot be scored that way: then each option's whole target log-likelihood is used,
+    from its labels `choice_labels` (B, C, T).
+    """
+    positions, ids, options = [], [], []
     for ex in examples:
-        options = [prompt + target for prompt, target in (decoder_text(c, ex.query, cfg) for c in ex.choices)]
-        tokens = tokenizers.reader(options).input_ids
-        position = next((t for t in range(min(map(len, tokens))) if len({x[t] for x in tokens}) > 1), None)
-        if position is None:
-            raise ValueError(f"the options {ex.choices} are not told apart by their tokens")
+        texts = [prompt + target for prompt, target in (decoder_text(c, ex.query, cfg) for c in ex.choices)]
+        tokens = tokenizers.reader(texts).input_ids
+        position = next((t for t in range(min(map(len, tokens))) if len({x[t] for x in tokens}) > 1), 0)
         positions.append(position)
         ids.append([x[position] for x in tokens])
-    return torch.tensor(positions), torch.tensor(ids)
+        options += texts
+    if all(len(set(row)) == len(row) for row in ids):
+        return {"choice_position": torch.tensor(positions), "choice_ids": torch.tensor(ids)}
+    labels = target_tokens(tokenizers, options, cfg.target_maxlength)  # (B*C, T)
+    return {"choice_labels": labels.view(len(examples), -1, labels.shape[-1])}
 
 
 def collate(
@@ -162,7 +169,8 @@ def collate(
     if targets:
         batch.labels = labels_for(tokenizers, examples, cfg)
         if examples and all(ex.choices for ex in examples):
-            batch.choice_position, batch.choice_ids = choice_tokens(tokenizers, examples, cfg)
+            for name, value in choice_tokens(tokenizers, examples, cfg).items():
+                setattr(batch, name, value)
     if cfg.decoder_prompt_format is not None:
         batch.decoder_prompts = prompt_tokens(tokenizers, [decoder_text("", ex.query, cfg)[0] for ex in examples])
     if retriever:

@@ -67,3 +67,31 @@ def test_bad_format_string_is_one_line_before_anything_loads(tmp_path, flag, val
                   "--train_data", "t.jsonl", "--checkpoint_dir", str(tmp_path), flag, value])  # fmt: skip
     assert result.returncode == 2 and message in result.stderr.strip().splitlines()[-1]
     assert not any(tmp_path.iterdir())  # nothing written
+
+
+def test_options_are_scored_at_their_token_or_by_their_whole_target(demo, tmp_path):
+    from src import reader as fid
+
+    model, tokenizers = built(demo, tmp_path)
+    model.eval()
+    # The demo tokenizer reads "Ab" / "Cd" as distinct first tokens, but "B" and "C" both as "▁" + letter.
+    for choices, by_token in ((("<extra_id_0> Ab", "<extra_id_0> Cd"), True),
+                              (("<extra_id_0> A", "<extra_id_0> B", "<extra_id_0> C"), False)):  # fmt: skip
+        example = Example("question: who? answer: <extra_id_0>", choices[1], [choices[1]], choices=choices)
+        batch = collate([example], PASSAGES[:1], tokenizers, model.config)
+        _, scores = model.eval_outputs(batch)
+        options = [tokenizers.reader(c).input_ids for c in choices]
+        if by_token:  # the original: each option's token logit where the options first differ
+            assert batch.choice_labels is None
+            at = next(t for t in range(min(map(len, options))) if len({o[t] for o in options}) > 1)
+            logits = fid.forward(model.reader, batch.reader_ids, batch.reader_mask, batch.labels).logits[0, at]
+            expected = torch.stack([logits[o[at]] for o in options])
+        else:  # no position tells all three apart: whole-target log-likelihoods
+            assert batch.choice_ids is None and batch.choice_labels is not None
+            expected = torch.stack(
+                [
+                    -fid.forward(model.reader, batch.reader_ids, batch.reader_mask, torch.tensor([o])).loss * len(o)
+                    for o in options
+                ]  # fmt: skip
+            )
+        torch.testing.assert_close(scores[0], expected.detach(), rtol=1e-4, atol=1e-4)

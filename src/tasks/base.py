@@ -20,7 +20,7 @@ class Example:
     answers: list[str]
     passages: list[dict] | None = None  # given in the file (`--use_file_passages`), else retrieved
     metadata: dict = field(default_factory=dict)
-    # Multiple choice: the option letters whose logits are read at the answer position ("A", "B", ...).
+    # Multiple choice: each option's target ("<extra_id_0> A", ...); see src/batching.py choice_tokens.
     choices: tuple[str, ...] | None = None
 
 
