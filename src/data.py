@@ -20,7 +20,7 @@ from src.tasks import Example, Task
 
 logger = logging.getLogger(__name__)
 
-CHECK_LINES = 100_000  # lines of each training file processed at start-up; the rest is checked as it is read
+CHECK_LINES = 10_000  # lines of each training file processed at start-up; the rest is checked as it is read
 
 
 def parse_line(line: bytes, where: str) -> dict | None:
@@ -95,7 +95,7 @@ class TrainingData(Sequence):
         offsets, files, lines = [], [], []
         counter, check_rng = 0, random.Random(0)
         for file_id, path in enumerate(self.paths):
-            usable, offset = 0, 0
+            usable, offset, line_number = 0, 0, 0
             with _open(path) as handle:
                 for line_number, line in enumerate(handle, start=1):
                     start, offset = offset, offset + len(line)

@@ -119,6 +119,8 @@ def test_empty_file_gold_ids_string_and_empty_answers_are_named(tmp_path):
     empty = write_jsonl(tmp_path / "empty.jsonl", [])
     with pytest.raises(UserError, match=r"empty\.jsonl: no usable instance"):
         load_instances([empty], build_task("qa"))
+    with pytest.raises(UserError, match=r"empty\.jsonl: no usable instance"):
+        TrainingData([empty], build_task("qa"))
     bad = write_jsonl(tmp_path / "d.jsonl", [{"question": "q", "answers": ["a"], "gold_ids": "123"}])
     with pytest.raises(UserError, match=r"d\.jsonl:1: field 'gold_ids' must be a list"):
         load_instances([bad], build_task("qa"))
