@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from src.data import DataPosition
 from src.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -50,6 +51,17 @@ def resume_state(run_dir: Path) -> dict | None:
     return state
 
 
+def data_position(state: dict | None, rank: int, world_size: int) -> DataPosition | None:
+    """This rank's position in the training data from a resumed checkpoint (None: start at the beginning)."""
+    positions = (state or {}).get("data_positions")
+    if not state:
+        return None
+    if not positions or len(positions) != world_size or positions[rank] is None:
+        logger.warning("the checkpoint holds no data position for %d processes: training data starts over", world_size)
+        return None
+    return DataPosition(**positions[rank])
+
+
 def restore_training_state(optimizers: dict, schedulers: dict, state: dict | None) -> None:
     """Restore both optimizers and both schedulers from a resumed checkpoint."""
     if not state:
@@ -72,8 +84,12 @@ def save_checkpoint(
     schedulers: dict,
     with_optimizer: bool,
     options: dict[str, Any],
+    extra: dict[str, Any] | None = None,
 ) -> Path:
-    """Write step-N/model.pth.tar atomically and point `latest` at it. Call on the main rank only."""
+    """Write step-N/model.pth.tar atomically and point `latest` at it. Call on the main rank only.
+
+    `extra` adds keys of ours (e.g. `data_positions`) after the original's; the original's loaders ignore them.
+    """
     directory = run_dir / "checkpoint"
     step_dir = directory / f"step-{step}"
     step_dir.mkdir(parents=True, exist_ok=True)
@@ -87,6 +103,7 @@ def save_checkpoint(
     for name, key in SCHEDULER_KEYS.items():
         content[key] = state_of(schedulers, name)
     content["opt"] = options
+    content.update(extra or {})
     handle, tmp = tempfile.mkstemp(dir=step_dir, suffix=".tmp")
     os.close(handle)
     torch.save(content, tmp)

@@ -202,7 +202,7 @@ class TrainingBatches(Iterator[list[Example]]):
                 continue
             take = self._pending[: self.batch_size - len(batch)]
             self._pending = self._pending[len(take) :]
-            self.position.taken += len(take)
+            self.position.taken = self.position.taken + len(take) if self._pending else 0  # 0: instance used up
             batch += take
         return batch
 

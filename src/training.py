@@ -1,6 +1,7 @@
 """Optimisers, learning-rate schedules, gradient synchronisation and the training loop."""
 
 import contextlib
+import dataclasses
 import logging
 import math
 import random
@@ -17,6 +18,7 @@ from src.atlas import Atlas
 from src.batching import Tokenizers, collate
 from src.checkpoint import restore_training_state, save_checkpoint
 from src.config import Settings, TrainConfig
+from src.data import DataPosition, TrainingBatches
 from src.index import DistributedIndex
 from src.index.refresh import refresh_due, refresh_index
 from src.logs import MetricWriter
@@ -160,7 +162,7 @@ class Trainer:
         if step > 0 and refresh_due(self.settings.index.refresh_schedule, step):
             refresh_index(self.index, self.model, self.tokenizers, self.settings.index)
 
-    def train(self, batches: Iterator[list[Example]], start_step: int) -> None:
+    def train(self, batches: TrainingBatches, start_step: int) -> None:
         """The loop: step, log, evaluate, refresh, save; ends with a checkpoint at --total_steps."""
         cfg = self.cfg
         sums: dict[str, float] = {}
@@ -176,12 +178,14 @@ class Trainer:
             if self.evaluate_fn is not None and (step % cfg.eval_freq == 0 or step == cfg.total_steps):
                 self.writer.scalars(self.evaluate_fn(self.model, self.index, step), step)
             if step % cfg.save_freq == 0 or step == cfg.total_steps:
-                self.save(step)
+                self.save(step, batches.position)
             # No barrier here: the next step's collectives (search, gradient all-reduce) already keep ranks together.
         self.writer.close()
 
-    def save(self, step: int) -> None:
-        """Checkpoint on the main rank; sharded optimizer states are first gathered there (collective)."""
+    def save(self, step: int, position: DataPosition | None = None) -> None:
+        """Checkpoint on the main rank with every rank's data position; sharded optimizer states are first gathered
+        there (collective)."""
+        positions = dist.all_gather_object(dataclasses.asdict(position) if position else None)
         if self.cfg.save_optimizer:
             for optimizer in self.optimizers.values():
                 if isinstance(optimizer, ZeroRedundancyOptimizer):
@@ -195,6 +199,7 @@ class Trainer:
                 self.schedulers,
                 self.cfg.save_optimizer,
                 self.settings.options,
+                extra={"data_positions": positions} if position else None,
             )
 
     def log(self, step: int, sums: dict[str, float], n_steps: int, seconds: float) -> None:

@@ -1,6 +1,7 @@
 """train.py and evaluate.py run end to end on a tiny offline demo world, as a user would call them."""
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -119,3 +120,25 @@ def test_checkpoint_of_other_shapes_and_unwritable_checkpoint_dir_are_one_line(d
     result = run(["evaluate.py", *common(demo, blocker), "--eval_data", str(demo / "data/dev.jsonl")])
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith(f"error: --checkpoint_dir: cannot write {blocker}")
+
+
+def test_a_resumed_run_continues_the_data_where_it_stopped(demo, tmp_path):
+    """Killed after step 2's checkpoint and rerun: the same weights as a run that was never interrupted."""
+    args = common(demo, tmp_path) + [
+        "--total_steps", "4", "--save_freq", "2", "--log_freq", "1", "--warmup_steps", "1", "--per_gpu_batch_size", "2",
+        "--shuffle", "--dropout", "0", "--save_optimizer", "--max_passages", "40",
+    ]  # fmt: skip
+    for name in ("whole", "killed"):
+        result = run(["train.py", *args, "--name", name])
+        assert result.returncode == 0, result.stderr[-3000:]
+    checkpoints = tmp_path / "killed/checkpoint"
+    shutil.rmtree(checkpoints / "step-4")
+    (checkpoints / "latest").unlink()
+    (checkpoints / "latest").symlink_to("step-2")
+    saved = torch.load(checkpoints / "step-2/model.pth.tar", weights_only=True)
+    assert saved["data_positions"] == [{"epoch": 0, "index": 4, "taken": 0}]
+    result = run(["train.py", *args, "--name", "killed"])
+    assert result.returncode == 0 and "resuming" in result.stderr, result.stderr[-3000:]
+    whole = torch.load(tmp_path / "whole/checkpoint/latest/model.pth.tar", weights_only=True)["model"]
+    resumed = torch.load(checkpoints / "latest/model.pth.tar", weights_only=True)["model"]
+    assert all(torch.equal(whole[k], resumed[k]) for k in whole)
