@@ -144,13 +144,20 @@ class Trainer:
                 totals[name] = totals.get(name, 0.0) + value.item() / cfg.accumulation_steps  # sync: one per value
         all_reduce_gradients(model, self.world.world_size)
         names = [n for n in self.optimizers if not (n == "retriever" and self.retriever_frozen(step))]
-        for name in names:
+        norms = []
+        for name in names:  # unscale, then clip each optimizer's gradients on their own
             self.scaler.unscale_(self.optimizers[name])
-        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], cfg.clip)
-        for name in names:
-            self.scaler.step(self.optimizers[name])
-            self.schedulers[name].step()
-        self.scaler.update()
+            params = [p for group in self.optimizers[name].param_groups for p in group["params"] if p.grad is not None]
+            norms.append(torch.nn.utils.clip_grad_norm_(params, cfg.clip))
+        # One non-finite gradient (an fp16 overflow in either model) skips the update of both: stepping the other one
+        # alone would train the reader and the retriever on different batches. One host sync per step.
+        if not norms or bool(torch.isfinite(torch.stack(norms)).all()):
+            for name in names:
+                self.scaler.step(self.optimizers[name])
+                self.schedulers[name].step()
+        else:
+            logger.warning("step %d: non-finite gradients: update skipped for every optimizer", step)
+        self.scaler.update()  # with fp16, a non-finite gradient lowers the loss scale
         for optimizer in self.optimizers.values():
             optimizer.zero_grad(set_to_none=True)
         return totals

@@ -1,5 +1,7 @@
 """Retriever training: query-side updates, rerank, filtering by id, and index refresh, on the tiny demo world."""
 
+import copy
+
 import pytest
 import torch
 
@@ -134,3 +136,30 @@ def test_emdr_mixture_flag_reaches_the_loss(setup):
                              model.config.temperature_score, 1.0, mixture)  # fmt: skip
         torch.testing.assert_close(losses[mixture], expected)
     assert not torch.isclose(losses["token"], losses["sequence"])
+
+
+@pytest.mark.parametrize("bad", [float("inf"), float("nan")])
+def test_fp16_non_finite_retriever_gradient_skips_both_optimizers(setup, bad):
+    settings, model, tokenizers, index = setup("--precision", "fp16", "--query_side_retriever_training")
+    task = build_task("qa", settings.options)
+    batches = TrainingBatches(load_instances(list(settings.train_data), task), task, 2, False, 0)
+    trainer = Trainer(model, tokenizers, index, task, settings, CPU)
+    trainer.train_step(batches, 1)  # a normal step first, so both optimizers hold Adam state
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    states = {n: copy.deepcopy(o.state_dict()) for n, o in trainer.optimizers.items()}
+    scale = trainer.scaler.get_scale()
+    param = next(p for p in model.retriever.query_contriever.parameters() if p.requires_grad)
+    hook = param.register_hook(lambda grad: grad * bad)
+    trainer.train_step(batches, 2)
+    hook.remove()
+    assert all(torch.equal(weights[k], v) for k, v in model.state_dict().items())  # the reader did not step either
+    for name, optimizer in trainer.optimizers.items():
+        after = optimizer.state_dict()
+        assert after["param_groups"] == states[name]["param_groups"]
+        for key, state in states[name]["state"].items():
+            assert all(
+                torch.equal(value, after["state"][key][k]) for k, value in state.items() if torch.is_tensor(value)
+            )
+    assert trainer.scaler.get_scale() < scale
+    trainer.train_step(batches, 3)  # and training goes on
+    assert any(not torch.equal(weights[k], v) for k, v in model.state_dict().items())
