@@ -98,24 +98,27 @@ class Atlas(nn.Module):
 
     @torch.no_grad()
     def eval_outputs(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Reader loss in eval mode (the `eval_loss` metric) and, for multiple choice, the options' logits (B, C)
-        at the position where they differ, read with teacher forcing on the target (as the original)."""
+        """Each example's reader loss (B,) in eval mode (the `eval_loss` metric: mean over its target tokens) and, for
+        multiple choice, the options' scores (B, C) (see src/batching.py choice_tokens)."""
         with eval_mode(self.reader):
             encoder_outputs, mask = fid.encode(self.reader, batch.reader_ids, batch.reader_mask)  # encoded once
             out = self.reader(encoder_outputs=encoder_outputs, attention_mask=mask, labels=batch.labels)
+            token_ll = fid.token_log_likelihoods(out.logits, batch.labels)  # (B, T), 0 at padding
+            losses = -token_ll.sum(dim=1) / (batch.labels != -100).sum(dim=1).clamp(min=1)  # (B,)
             if batch.choice_labels is not None:  # options not told apart by one token: whole-target log-likelihoods
                 scores = []
                 for option in batch.choice_labels.transpose(0, 1).contiguous():  # (B, T) each
                     logits = self.reader(encoder_outputs=encoder_outputs, attention_mask=mask, labels=option).logits
                     scores.append(fid.token_log_likelihoods(logits, option).sum(dim=1))  # (B,)
-                return out.loss, torch.stack(scores, dim=1)  # (B, C)
+                return losses, torch.stack(scores, dim=1)  # (B, C)
         if batch.choice_ids is None:
-            return out.loss, None
+            return losses, None
         at_position = out.logits[torch.arange(len(batch.choice_position)), batch.choice_position]  # (B, V)
-        return out.loss, at_position.gather(1, batch.choice_ids).float()  # (B, C)
+        return losses, at_position.gather(1, batch.choice_ids).float()  # (B, C)
 
     def eval_loss(self, batch: Batch) -> torch.Tensor:
-        return self.eval_outputs(batch)[0]
+        """The batch's mean per-example reader loss in eval mode."""
+        return self.eval_outputs(batch)[0].mean()
 
     @torch.no_grad()
     def generate(self, batch: Batch) -> torch.Tensor:

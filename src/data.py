@@ -88,11 +88,16 @@ def load_instances(paths: list[str], task: Task, rank: int = 0, world_size: int 
 
 class TrainingData(Sequence):
     """This rank's share of the training files' lines (every world_size-th non-blank line over all files), read
-    lazily by byte offset. The first CHECK_LINES lines of each file are processed at start-up."""
+    lazily by byte offset. The first CHECK_LINES lines of each file are processed at start-up.
 
-    def __init__(self, paths: list[str], task: Task, rank: int = 0, world_size: int = 1) -> None:
+    Few-shot files with fewer lines than `repeat_below` (ranks x batch size) are repeated, as the original did, so
+    that every rank has instances to train on.
+    """
+
+    def __init__(self, paths: list[str], task: Task, rank: int = 0, world_size: int = 1, repeat_below: int = 0) -> None:
         self.paths, self.task = list(paths), task
         offsets, files, lines = [], [], []
+        every: list[tuple[int, int, int]] = []  # all ranks' lines while the files may be small enough to repeat
         counter, check_rng = 0, random.Random(0)
         for file_id, path in enumerate(self.paths):
             usable, offset, line_number = 0, 0, 0
@@ -110,11 +115,17 @@ class TrainingData(Sequence):
                         offsets.append(start)
                         files.append(file_id)
                         lines.append(line_number)
+                    if counter < repeat_below:
+                        every.append((start, file_id, line_number))
                     counter += 1
             if usable == 0 and line_number <= CHECK_LINES:
                 raise UserError(
                     f"{path}: no usable instance for task '{task.name}' (the file is empty or all filtered)"
                 )
+        if 0 < counter < repeat_below:
+            copies = -(-repeat_below // counter)  # ceil
+            logger.info("%d training lines < %d (processes x batch): each used %d times", counter, repeat_below, copies)
+            offsets, files, lines = (list(x) for x in zip(*(every * copies)[rank::world_size]))
         self.offsets = np.asarray(offsets, dtype=np.int64)
         self.files = np.asarray(files, dtype=np.int32)
         self.lines = np.asarray(lines, dtype=np.int64)

@@ -213,6 +213,15 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     return box[0]
 
 
+def gather_object_to_main(obj: Any) -> list[Any] | None:
+    """Every rank's ``obj`` in rank order on rank 0, None elsewhere (pickled; e.g. result rows to write)."""
+    if not is_distributed():
+        return [obj]
+    out: list[Any] | None = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(obj, out, dst=0)
+    return out
+
+
 def all_gather_object(obj: Any) -> list[Any]:
     """List of every rank's ``obj`` in rank order (pickled; only for small control messages)."""
     if not is_distributed():

@@ -1,5 +1,6 @@
 """The evaluation loop (loss, generation, task metrics), retrieve-only recall, and --write_results files."""
 
+import itertools
 import json
 import logging
 import os
@@ -83,9 +84,10 @@ class Evaluator:
             if not examples:
                 continue
             batch = collate(examples, passages, self.tokenizers, model.config).to(model.device)
-            loss, choice_logits = model.eval_outputs(batch)
-            if "eval_loss" in task.metrics:
-                add(sums, counts, "eval_loss", loss.item())
+            losses, choice_logits = model.eval_outputs(batch)
+            if "eval_loss" in task.metrics:  # per example, so that it does not depend on how batches fall on ranks
+                for value in losses.tolist():
+                    add(sums, counts, "eval_loss", value)
             generations = decode(self.tokenizers, model.generate(batch), batch.decoder_prompts)
             for b, (ex, ps, generation) in enumerate(zip(examples, passages, generations)):
                 if ex.answers:  # rows without gold answers (a hidden test set) are written, not scored
@@ -137,16 +139,18 @@ class Evaluator:
         return row
 
     def write_results(self, rows: list[dict], path: str, step: int) -> Path:
-        """Gather every rank's rows on the main rank and write {checkpoint_dir}/{name}/{stem}-step-{step}.jsonl."""
+        """Gather every rank's rows on the main rank and write {checkpoint_dir}/{name}/{stem}-step-{step}.jsonl in the
+        input file's order (rank r holds instances r, r + W, ...: the shards interleave back)."""
         out = self.cfg.run_dir / f"{self.names[path]}-step-{step}.jsonl"
-        shards = dist.all_gather_object(rows) if self.world.world_size > 1 else [rows]
+        shards = dist.gather_object_to_main(rows)
         if self.world.is_main:
             out.parent.mkdir(parents=True, exist_ok=True)
             handle, tmp = tempfile.mkstemp(dir=out.parent, suffix=".tmp")
             with os.fdopen(handle, "w", encoding="utf-8") as f:
-                for shard in shards:
-                    for row in shard:
-                        f.write(json.dumps(row, ensure_ascii=False) + "\n")
+                for group in itertools.zip_longest(*shards):
+                    for row in group:
+                        if row is not None:
+                            f.write(json.dumps(row, ensure_ascii=False) + "\n")
             os.replace(tmp, out)  # never a half-written results file
             logger.info("wrote %s", out)
         return out

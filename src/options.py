@@ -72,7 +72,9 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--per_gpu_embedder_batch_size", type=int, default=512, help="passage-embedding batch size per device"
     )
-    g.add_argument("--local_rank", type=int, default=-1, help="local rank for distributed runs")
+    g.add_argument(
+        "--local_rank", "--local-rank", type=int, default=-1, help="local rank for distributed runs (both spellings)"
+    )
     g.add_argument("--main_port", type=int, default=-1, help="main port for multi-node jobs")
     g.add_argument("--seed", type=int, default=0, help="random seed")
     g.add_argument("--log_freq", type=int, default=100, help="log training stats every this many steps")

@@ -52,9 +52,10 @@ def setup(argv: list[str] | None, mode: str) -> Run:
     tokenizers = load_tokenizers(settings.model)
     task = build_task(settings.task, settings.options, tokenizers.reader)
     # Data first: a malformed line or a missing field fails in seconds, before models and the index are built.
-    train_data = (
-        TrainingData(list(settings.train_data), task, world.rank, world.world_size) if mode == "train" else None
-    )
+    train_data = None
+    if mode == "train":  # a few-shot file with fewer lines than processes x batch is repeated: every rank trains
+        repeat_below = world.world_size * settings.train.per_gpu_batch_size
+        train_data = TrainingData(list(settings.train_data), task, world.rank, world.world_size, repeat_below)
     eval_data = load_eval_data(task, settings.eval, world)
     # The run's own latest checkpoint wins over --model_path only when --model_path is none (as the original).
     resume = resume_state(settings.run_dir) if settings.model.model_path is None else None

@@ -210,7 +210,11 @@ class Trainer:
             )
 
     def log(self, step: int, sums: dict[str, float], n_steps: int, seconds: float) -> None:
-        means = {name if "/" in name else f"loss/{name}": value / n_steps for name, value in sums.items()}
+        """Log the losses averaged over the last steps and over ranks (one small all-reduce; every rank calls it)."""
+        names = sorted(sums)
+        totals = dist.all_reduce_sum(torch.tensor([sums[n] for n in names], dtype=torch.float64)).tolist()
+        ranks = self.world.world_size
+        means = {n if "/" in n else f"loss/{n}": total / n_steps / ranks for n, total in zip(names, totals)}
         means["lr"] = self.schedulers["reader"].get_last_lr()[0]
         means["runtime/train_step"] = seconds / n_steps
         logger.info("step %d/%d | %s", step, self.cfg.total_steps, " | ".join(f"{k} {v:.4g}" for k, v in means.items()))

@@ -127,3 +127,15 @@ def test_empty_file_gold_ids_string_and_empty_answers_are_named(tmp_path):
     none = write_jsonl(tmp_path / "n.jsonl", [{"question": "q", "answers": []}])
     with pytest.raises(UserError, match=r"n\.jsonl:1: field 'answers' of task 'qa' is empty"):
         load_instances([none], build_task("qa"))
+
+
+def test_few_shot_file_is_repeated_so_every_rank_trains(tmp_path):
+    one = write_jsonl(tmp_path / "one.jsonl", [{"question": "q", "answers": ["a"]}])
+    three = write_jsonl(tmp_path / "three.jsonl", [{"question": f"q{i}", "answers": ["a"]} for i in range(3)])
+    task = build_task("qa")
+    shards = [TrainingData([one], task, rank, 2, repeat_below=4) for rank in range(2)]  # 2 ranks x batch 2
+    assert [[i.where for i in s] for s in shards] == [[f"{one}:1"] * 2] * 2
+    shards = [TrainingData([three], task, rank, 2, repeat_below=4) for rank in range(2)]
+    questions = sorted(i.obj["question"] for s in shards for i in s)
+    assert questions == ["q0", "q0", "q1", "q1", "q2", "q2"]  # every line twice over the two ranks
+    assert [len(TrainingData([three], task, rank, 2, repeat_below=3)) for rank in range(2)] == [2, 1]  # not repeated
