@@ -10,10 +10,12 @@ modules is `src.model_factory`'s job.
 import argparse
 import logging
 import os
+import random
 import tempfile
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from src.data import DataPosition
@@ -60,6 +62,38 @@ def data_position(state: dict | None, rank: int, world_size: int) -> DataPositio
         logger.warning("the checkpoint holds no data position for %d processes: training data starts over", world_size)
         return None
     return DataPosition(**positions[rank])
+
+
+def rng_state() -> dict[str, Any]:
+    """This process's python, numpy, torch (and CUDA) random states, as tensors and lists (weights_only-loadable)."""
+    version, mt, gauss = random.getstate()
+    name, keys, position, has_gauss, cached = np.random.get_state()
+    state = {
+        "python": [version, list(mt), gauss],
+        "numpy": [name, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, cached],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def restore_rng_state(states: list | None, rank: int, world_size: int) -> None:
+    """Put back this rank's random states from a resumed checkpoint (same number of processes), so that dropout
+    continues exactly as in an uninterrupted run."""
+    if not states or len(states) != world_size or states[rank] is None:
+        if states is not None:
+            logger.warning("the checkpoint's random states are for %d processes, not %d: not restored", len(states),
+                           world_size)  # fmt: skip
+        return
+    state = states[rank]
+    version, mt, gauss = state["python"]
+    random.setstate((version, tuple(mt), gauss))
+    name, keys, position, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), position, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
 
 
 def restore_training_state(optimizers: dict, schedulers: dict, state: dict | None) -> None:

@@ -16,7 +16,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from src import distributed as dist
 from src.atlas import Atlas
 from src.batching import Tokenizers, collate
-from src.checkpoint import restore_training_state, save_checkpoint
+from src.checkpoint import restore_rng_state, restore_training_state, rng_state, save_checkpoint
 from src.config import Settings, TrainConfig
 from src.data import DataPosition, TrainingBatches
 from src.index import DistributedIndex
@@ -118,8 +118,10 @@ class Trainer:
         self.writer = MetricWriter(self.cfg.run_dir if world.is_main else None)
 
     def load_state(self, state: dict | None) -> None:
-        """Restore both optimizers and both schedulers when resuming."""
+        """Restore both optimizers and both schedulers, and this rank's random states, when resuming."""
         restore_training_state(self.optimizers, self.schedulers, state)
+        if state:
+            restore_rng_state(state.get("rng_states"), self.world.rank, self.world.world_size)
 
     def retriever_frozen(self, step: int) -> bool:
         return step <= self.cfg.freeze_retriever_steps
@@ -193,6 +195,7 @@ class Trainer:
         """Checkpoint on the main rank with every rank's data position; sharded optimizer states are first gathered
         there (collective)."""
         positions = dist.all_gather_object(dataclasses.asdict(position) if position else None)
+        rng_states = dist.all_gather_object(rng_state())
         if self.cfg.save_optimizer:
             for optimizer in self.optimizers.values():
                 if isinstance(optimizer, ZeroRedundancyOptimizer):
@@ -206,7 +209,7 @@ class Trainer:
                 self.schedulers,
                 self.cfg.save_optimizer,
                 self.settings.options,
-                extra={"data_positions": positions} if position else None,
+                extra={"data_positions": positions, "rng_states": rng_states} if position else None,
             )
 
     def log(self, step: int, sums: dict[str, float], n_steps: int, seconds: float) -> None:
