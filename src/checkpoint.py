@@ -43,12 +43,38 @@ def read_checkpoint(path: str | Path) -> dict:
         raise UserError(f"{path}: not a readable Atlas checkpoint ({type(err).__name__}: {err})") from None
 
 
-def resume_state(run_dir: Path) -> dict | None:
-    """The run's latest checkpoint when it has one (the run resumes from it), else None."""
-    latest = run_dir / "checkpoint" / "latest"
+RESUME_MUST_MATCH = ("task", "reader_model_type")  # flags a resumed run cannot change
+
+
+def resume_state(run_dir: Path, options: dict[str, Any] | None = None) -> dict | None:
+    """The run's latest checkpoint when it has one (the run resumes from it), else None.
+
+    Temporary files of a save that was killed are removed first. A `latest` link to a missing step is an error (never
+    a silent restart that would overwrite the older checkpoints); with `options`, the flags that changed since the
+    checkpoint are logged and a different task or reader refused.
+    """
+    directory = run_dir / "checkpoint"
+    for orphan in directory.glob("step-*/*.tmp"):
+        orphan.unlink(missing_ok=True)
+        logger.info("removed %s, left by a save that did not finish", orphan)
+    latest = directory / "latest"
+    if latest.is_symlink() and not latest.exists():
+        raise UserError(f"{latest} points to {os.readlink(latest)}, which does not exist: restore that step, or point "
+                        "`latest` at another step-N directory, or remove the link to start the run afresh")  # fmt: skip
     if not latest.exists():
         return None
     state = read_checkpoint(latest)
+    saved = state.get("opt") if isinstance(state.get("opt"), dict) else {}
+    if options is not None and saved:
+        for name in RESUME_MUST_MATCH:
+            if name in saved and saved[name] != options.get(name):
+                raise UserError(f"{run_dir} was trained with --{name} {saved[name]}, not {options.get(name)}: resume "
+                                "it with the same flag, or give the run another --name")  # fmt: skip
+        changed = sorted(k for k in options if k in saved and saved[k] != options[k])
+        if changed:
+            logger.info(
+                "resuming with changed flags: %s", ", ".join(f"--{k} {saved[k]!r} -> {options[k]!r}" for k in changed)
+            )
     logger.info("resuming %s from step %d", run_dir, state["step"])
     return state
 
@@ -141,6 +167,8 @@ def save_checkpoint(
     handle, tmp = tempfile.mkstemp(dir=step_dir, suffix=".tmp")
     os.close(handle)
     torch.save(content, tmp)
+    with open(tmp, "rb") as handle:  # on disk before the rename: a crash never leaves a renamed, empty file
+        os.fsync(handle.fileno())
     os.replace(tmp, step_dir / CHECKPOINT_FILE)  # a killed save never leaves a truncated model.pth.tar
     link_tmp = directory / f".latest-{os.getpid()}"
     link_tmp.unlink(missing_ok=True)

@@ -57,8 +57,13 @@ def setup(argv: list[str] | None, mode: str) -> Run:
         repeat_below = world.world_size * settings.train.per_gpu_batch_size
         train_data = TrainingData(list(settings.train_data), task, world.rank, world.world_size, repeat_below)
     eval_data = load_eval_data(task, settings.eval, world)
-    # The run's own latest checkpoint wins over --model_path only when --model_path is none (as the original).
-    resume = resume_state(settings.run_dir) if settings.model.model_path is None else None
+    # A training run's own latest checkpoint wins over --model_path (a rerun after preemption resumes; the original
+    # resumed only with --model_path none); evaluation reads it only when no --model_path is given.
+    resume = None
+    if mode == "train" or settings.model.model_path is None:
+        resume = resume_state(settings.run_dir, settings.options)
+    if resume and settings.model.model_path:
+        logger.info("%s/checkpoint/latest wins over --model_path %s", settings.run_dir, settings.model.model_path)
     source = resume or (read_checkpoint(settings.model.model_path) if settings.model.model_path else None)
     model, tokenizers = build_model(settings.model, settings.atlas, world.device, source, tokenizers)
     index = build_index(settings.index, model, tokenizers, world)

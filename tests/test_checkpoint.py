@@ -1,9 +1,13 @@
 """Checkpoints: save -> load gives the same model; resume restores optimizers; tied -> untied conversion."""
 
+import logging
+
+import pytest
 import torch
 
 from src.batching import collate, decode
 from src.checkpoint import read_checkpoint, resume_state, save_checkpoint
+from src.errors import UserError
 from src.model_factory import build_model
 from src.options import parse_settings
 from src.retrieval import embed_queries
@@ -100,3 +104,21 @@ def test_reader_only_checkpoint_pairs_with_the_pretrained_retriever(demo, tmp_pa
         assert torch.equal(p, reader_only.reader.state_dict()[name]), name
     queries = ["who is Ab?"]
     torch.testing.assert_close(embed_queries(loaded, tokenizers, queries), embed_queries(fresh, tokenizers, queries))
+
+
+def test_resume_refuses_a_dangling_latest_and_another_task_and_cleans_killed_saves(demo, tmp_path, caplog):
+    settings = options(demo, tmp_path)
+    model, _ = build(settings)
+    save(settings, 3, model)
+    directory = settings.run_dir / "checkpoint"
+    (directory / "step-3" / "tmpabc.tmp").write_bytes(b"half a checkpoint")  # a save killed before its rename
+    with caplog.at_level(logging.INFO):
+        assert resume_state(settings.run_dir, {**settings.options, "lr": 0.5})["step"] == 3
+    assert not (directory / "step-3" / "tmpabc.tmp").exists()
+    assert f"--lr {settings.options['lr']!r} -> 0.5" in caplog.text
+    with pytest.raises(UserError, match="was trained with --task qa, not mlm"):
+        resume_state(settings.run_dir, {**settings.options, "task": "mlm"})
+    (directory / "latest").unlink()
+    (directory / "latest").symlink_to("step-7")
+    with pytest.raises(UserError, match=r"latest points to step-7, which does not exist"):
+        resume_state(settings.run_dir, settings.options)
