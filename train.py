@@ -4,7 +4,7 @@ from src.checkpoint import data_position
 from src.data import TrainingBatches
 from src.evaluation import Evaluator
 from src.run import main_guard, setup
-from src.training import Trainer
+from src.training import Trainer, requeue_slurm_job
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -17,7 +17,11 @@ def main(argv: list[str] | None = None) -> None:
     evaluate = Evaluator(run.task, settings.eval, run.tokenizers, world, run.eval_data) if run.eval_data else None
     trainer = Trainer(run.model, run.tokenizers, run.index, run.task, settings, world, evaluate)
     trainer.load_state(run.resume)
-    trainer.train(batches, run.step)
+    if not trainer.train(batches, run.step):  # preempted: the state is saved; rerunning the command resumes
+        if world.is_main:
+            requeue_slurm_job()
+            print(f"stopped by a signal: resume state saved in {settings.run_dir}/checkpoint")
+        return
     print(f"training done: {train.total_steps} steps, checkpoints in {settings.run_dir}/checkpoint")
 
 

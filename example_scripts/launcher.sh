@@ -6,7 +6,9 @@
 # which runs `torchrun --nnodes=4 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=node001:29400 ...`.
 # LAUNCHER=torchrun uses torchrun inside a SLURM allocation too. Relative paths are relative to the repository root.
 cd "${ATLAS_ROOT:-$ROOT}"
-JOB_ID=${SLURM_ARRAY_JOB_ID:-${SLURM_JOB_ID:-${JOB_ID:-$(date +%Y%m%d-%H%M%S)}}}
+# The run's name comes from JOB_ID: a rerun (or a requeued SLURM job) gets the same name and resumes from its
+# checkpoint/latest; set JOB_ID to start another run.
+JOB_ID=${SLURM_ARRAY_JOB_ID:-${SLURM_JOB_ID:-${JOB_ID:-local}}}
 if [[ -n "${SLURM_JOB_ID:-}" && "${LAUNCHER:-srun}" == "srun" ]]; then
     LAUNCH=(srun python)
 elif [[ "${NNODES:-1}" -gt 1 ]]; then

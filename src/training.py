@@ -4,7 +4,10 @@ import contextlib
 import dataclasses
 import logging
 import math
+import os
 import random
+import signal
+import subprocess
 import time
 from collections.abc import Callable, Iterator
 
@@ -97,6 +100,40 @@ def autocast(precision: str, device: torch.device):
     return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
 
 
+class StopRequest:
+    """SIGUSR1 (SLURM's warning before preemption, `--signal=USR1@...`) and SIGTERM set a flag; the loop stops at the
+    next step boundary once any rank has seen it. The previous handlers come back on `restore`."""
+
+    SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+
+    def agreed(self) -> bool:
+        """True on every rank when any rank was signalled (one small all-reduce: call it at the same step on all)."""
+        return dist.all_reduce_max_int(int(self.requested)) > 0
+
+    def restore(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+def requeue_slurm_job() -> None:
+    """Under SLURM, put the job back in the queue (rank 0 only); it resumes from the checkpoint just saved."""
+    job = os.environ.get("SLURM_JOB_ID")
+    if not job:
+        return
+    try:
+        subprocess.run(["scontrol", "requeue", job], check=True, capture_output=True, text=True, timeout=60)
+        logger.info("requeued SLURM job %s", job)
+    except (OSError, subprocess.SubprocessError) as err:
+        logger.warning("could not requeue SLURM job %s (%s): resubmit it to resume", job, err)
+
+
 class Trainer:
     """Holds what a training step needs; `train` runs the loop with evaluation, index refresh and saving."""
 
@@ -171,25 +208,38 @@ class Trainer:
         if step > 0 and refresh_due(self.settings.index.refresh_schedule, step):
             refresh_index(self.index, self.model, self.tokenizers, self.settings.index)
 
-    def train(self, batches: TrainingBatches, start_step: int) -> None:
-        """The loop: step, log, evaluate, refresh, save; ends with a checkpoint at --total_steps."""
+    def train(self, batches: TrainingBatches, start_step: int) -> bool:
+        """The loop: step, log, evaluate, refresh, save; ends with a checkpoint at --total_steps.
+
+        On SIGUSR1 / SIGTERM (to any rank), every rank stops at the next step boundary, before evaluating or
+        refreshing the index, the step just done is saved and False is returned; True when it ran to --total_steps.
+        """
         cfg = self.cfg
         sums: dict[str, float] = {}
         tic = time.perf_counter()
-        for step in range(start_step + 1, cfg.total_steps + 1):
-            self.maybe_refresh_index(step - 1)  # the original checks the schedule before the step
-            for name, value in self.train_step(batches, step).items():
-                sums[name] = sums.get(name, 0.0) + value
-            if step % cfg.log_freq == 0 or step == cfg.total_steps:
-                n_steps = cfg.log_freq if step % cfg.log_freq == 0 else step % cfg.log_freq
-                self.log(step, sums, n_steps, time.perf_counter() - tic)
-                sums, tic = {}, time.perf_counter()
-            if self.evaluate_fn is not None and (step % cfg.eval_freq == 0 or step == cfg.total_steps):
-                self.writer.scalars(self.evaluate_fn(self.model, self.index, step), step)
-            if step % cfg.save_freq == 0 or step == cfg.total_steps:
-                self.save(step, batches.position)
-            # No barrier here: the next step's collectives (search, gradient all-reduce) already keep ranks together.
-        self.writer.close()
+        stop = StopRequest()
+        try:
+            for step in range(start_step + 1, cfg.total_steps + 1):
+                self.maybe_refresh_index(step - 1)  # the original checks the schedule before the step
+                for name, value in self.train_step(batches, step).items():
+                    sums[name] = sums.get(name, 0.0) + value
+                if step % cfg.log_freq == 0 or step == cfg.total_steps:
+                    n_steps = cfg.log_freq if step % cfg.log_freq == 0 else step % cfg.log_freq
+                    self.log(step, sums, n_steps, time.perf_counter() - tic)
+                    sums, tic = {}, time.perf_counter()
+                if stop.agreed():  # one small all-reduce per step: every rank stops at the same step
+                    logger.info("stop requested (SIGUSR1/SIGTERM): saving step %d and exiting", step)
+                    self.save(step, batches.position)
+                    return False
+                if self.evaluate_fn is not None and (step % cfg.eval_freq == 0 or step == cfg.total_steps):
+                    self.writer.scalars(self.evaluate_fn(self.model, self.index, step), step)
+                if step % cfg.save_freq == 0 or step == cfg.total_steps:
+                    self.save(step, batches.position)
+                # No barrier: the next step's collectives (search, gradients, the stop check) keep ranks together.
+        finally:
+            stop.restore()
+            self.writer.close()
+        return True
 
     def save(self, step: int, position: DataPosition | None = None) -> None:
         """Checkpoint on the main rank with every rank's data position; sharded optimizer states are first gathered

@@ -1,10 +1,16 @@
 """train.py and evaluate.py on 2 processes (torchrun, gloo, CPU) against 1 process, as a user launches them."""
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
+import torch
 
-from tests.conftest import demo_args
+from tests.conftest import ROOT, demo_args
 from tests.conftest import run_script as run
 
 pytestmark = pytest.mark.distributed
@@ -44,3 +50,27 @@ def test_two_ranks_write_the_same_rows_in_the_same_order_with_the_same_metrics(d
     ]
     metrics = [line for line in outputs["one"].splitlines() if line.startswith("dev/")]
     assert metrics and metrics == [line for line in outputs["two"].splitlines() if line.startswith("dev/")]
+
+
+def test_sigusr1_to_one_rank_saves_the_same_step_on_both_exits_0_and_requeues_once(demo, tmp_path):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text(f'#!/bin/bash\necho "$@" >> {tmp_path}/scontrol.calls\n')
+    (bin_dir / "scontrol").chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_ID": "4242", "HF_HUB_OFFLINE": "1"}
+    args = [*common(demo, tmp_path), "--name", "pre", "--total_steps", "100000", "--log_freq", "1"]
+    command = [sys.executable, *TORCHRUN, "train.py", *args]
+    launcher = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log = tmp_path / "pre/run.log"
+    deadline = time.time() + 300
+    while not (log.exists() and "step 2/" in log.read_text()):
+        assert launcher.poll() is None and time.time() < deadline, "training did not start"
+        time.sleep(0.5)
+    workers = subprocess.run(["pgrep", "-P", str(launcher.pid)], capture_output=True, text=True).stdout.split()
+    assert len(workers) == 2
+    os.kill(int(workers[1]), signal.SIGUSR1)  # one rank only
+    _, stderr = launcher.communicate(timeout=300)
+    assert launcher.returncode == 0, stderr[-3000:]
+    saved = torch.load(tmp_path / "pre/checkpoint/latest/model.pth.tar", weights_only=True)
+    assert 2 <= saved["step"] < 100000 and len(saved["data_positions"]) == 2
+    assert (tmp_path / "scontrol.calls").read_text() == "requeue 4242\n"  # rank 0 alone
