@@ -74,3 +74,8 @@ def test_sigusr1_to_one_rank_saves_the_same_step_on_both_exits_0_and_requeues_on
     saved = torch.load(tmp_path / "pre/checkpoint/latest/model.pth.tar", weights_only=True)
     assert 2 <= saved["step"] < 100000 and len(saved["data_positions"]) == 2
     assert (tmp_path / "scontrol.calls").read_text() == "requeue 4242\n"  # rank 0 alone
+    step = saved["step"]
+    resumed = run(["train.py", *args[:-4], "--total_steps", str(step + 1), "--log_freq", "1"])  # on 1 process now
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"from step {step}" in resumed.stderr and f"step {step + 1}/{step + 1}" in resumed.stderr
+    assert "data position for 1 processes" in resumed.stderr  # another world size: logged, data starts over
