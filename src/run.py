@@ -66,7 +66,7 @@ def setup(argv: list[str] | None, mode: str) -> Run:
         logger.info("%s/checkpoint/latest wins over --model_path %s", settings.run_dir, settings.model.model_path)
     source = resume or (read_checkpoint(settings.model.model_path) if settings.model.model_path else None)
     model, tokenizers = build_model(settings.model, settings.atlas, world.device, source, tokenizers)
-    index = build_index(settings.index, model, tokenizers, world)
+    index = build_index(settings.index, model, tokenizers, world, (resume or {}).get("index_passage_encoder"))
     step = int(resume["step"]) if resume else 0
     return Run(settings, world, task, train_data, eval_data, model, tokenizers, index, step, resume)
 

@@ -23,7 +23,7 @@ from src.checkpoint import restore_rng_state, restore_training_state, rng_state,
 from src.config import Settings, TrainConfig
 from src.data import DataPosition, TrainingBatches
 from src.index import DistributedIndex
-from src.index.refresh import refresh_due, refresh_index
+from src.index.refresh import passage_encoder_state, refresh_due, refresh_index
 from src.logs import MetricWriter
 from src.retrieval import passages_for
 from src.tasks import Example, Task
@@ -153,12 +153,18 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(world.device.type, enabled=self.cfg.precision == "fp16")
         self.evaluate_fn = evaluate_fn
         self.writer = MetricWriter(self.cfg.run_dir if world.is_main else None)
+        # When the passage encoder trains, the index lags behind it: keep the weights the index was embedded with,
+        # so that a resumed run rebuilds the same index (not one embedded with the resumed weights).
+        tracks = index is not None and self.cfg.train_retriever and not model.retriever.query_side
+        self.index_weights = passage_encoder_state(model) if tracks else None
 
     def load_state(self, state: dict | None) -> None:
         """Restore both optimizers and both schedulers, and this rank's random states, when resuming."""
         restore_training_state(self.optimizers, self.schedulers, state)
         if state:
             restore_rng_state(state.get("rng_states"), self.world.rank, self.world.world_size)
+            if self.index_weights is not None and state.get("index_passage_encoder") is not None:
+                self.index_weights = state["index_passage_encoder"]
 
     def retriever_frozen(self, step: int) -> bool:
         return step <= self.cfg.freeze_retriever_steps
@@ -207,6 +213,8 @@ class Trainer:
             return
         if step > 0 and refresh_due(self.settings.index.refresh_schedule, step):
             refresh_index(self.index, self.model, self.tokenizers, self.settings.index)
+            if self.index_weights is not None:
+                self.index_weights = passage_encoder_state(self.model)
 
     def train(self, batches: TrainingBatches, start_step: int) -> bool:
         """The loop: step, log, evaluate, refresh, save; ends with a checkpoint at --total_steps.
@@ -259,7 +267,11 @@ class Trainer:
                 self.schedulers,
                 self.cfg.save_optimizer,
                 self.settings.options,
-                extra={"data_positions": positions, "rng_states": rng_states} if position else None,
+                extra={
+                    "data_positions": positions,
+                    "rng_states": rng_states,
+                    **({"index_passage_encoder": self.index_weights} if self.index_weights is not None else {}),
+                },
             )
 
     def log(self, step: int, sums: dict[str, float], n_steps: int, seconds: float) -> None:

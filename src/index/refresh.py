@@ -11,6 +11,8 @@ import logging
 import re
 from typing import TYPE_CHECKING
 
+import torch
+
 from src.config import IndexConfig
 from src.distributed import World
 from src.index.distributed_index import DistributedIndex
@@ -56,30 +58,64 @@ def refresh_due(schedule: Schedule | list[tuple[int, int, int]], step: int) -> b
     return any(s <= step < e and (step - s) % r == 0 for s, e, r in schedule)
 
 
-def refresh_index(index: DistributedIndex, model: Atlas, tokenizers: Tokenizers, cfg: IndexConfig) -> None:
-    """COLLECTIVE: re-embed every rank's shard with the current passage encoder, then save it if asked."""
-    embed_passages(
-        index,
-        PassageEmbedder(model.retriever),
-        tokenizers.retriever,
-        lambda passage: format_passage(cfg.retriever_format, passage),
-        cfg.embedder_batch_size,
-        min(cfg.text_maxlength, 512),
-    )
+def passage_encoder_state(model: Atlas) -> dict[str, torch.Tensor]:
+    """A CPU copy of the passage encoder's weights: what a resumed run needs to rebuild the index it was searching."""
+    return {k: v.detach().to("cpu", copy=True) for k, v in model.retriever.passage_encoder.state_dict().items()}
+
+
+def refresh_index(
+    index: DistributedIndex,
+    model: Atlas,
+    tokenizers: Tokenizers,
+    cfg: IndexConfig,
+    encoder_state: dict[str, torch.Tensor] | None = None,
+) -> None:
+    """COLLECTIVE: re-embed every rank's shard with the current passage encoder, then save it if asked.
+
+    With `encoder_state`, those passage-encoder weights embed the passages instead (then the current ones come back):
+    a run resumed after its passage encoder moved searches the index the uninterrupted run was searching.
+    """
+    encoder = model.retriever.passage_encoder
+    current = passage_encoder_state(model) if encoder_state is not None else None
+    if encoder_state is not None:
+        encoder.load_state_dict(encoder_state)
+    try:
+        embed_passages(
+            index,
+            PassageEmbedder(model.retriever),
+            tokenizers.retriever,
+            lambda passage: format_passage(cfg.retriever_format, passage),
+            cfg.embedder_batch_size,
+            min(cfg.text_maxlength, 512),
+        )
+    finally:
+        if current is not None:
+            encoder.load_state_dict(current)
     if cfg.save_index_path:
         save_index(index, cfg.save_index_path, cfg.save_index_n_shards)
 
 
-def build_index(cfg: IndexConfig, model: Atlas, tokenizers: Tokenizers, world: World) -> DistributedIndex | None:
-    """COLLECTIVE: load --load_index_path, or build from --passages and embed; None when nothing is retrieved."""
+def build_index(
+    cfg: IndexConfig,
+    model: Atlas,
+    tokenizers: Tokenizers,
+    world: World,
+    encoder_state: dict[str, torch.Tensor] | None = None,
+) -> DistributedIndex | None:
+    """COLLECTIVE: load --load_index_path, or build from --passages and embed; None when nothing is retrieved.
+
+    `encoder_state` (from a resumed checkpoint): embed with the passage-encoder weights the index had when it was saved.
+    """
     if not cfg.enabled:
         return None
     if cfg.load_index_path:
         index = load_index(cfg.load_index_path, world, cfg)
         index.check_dim(model.retriever.dim)
+        if encoder_state is not None:
+            refresh_index(index, model, tokenizers, cfg, encoder_state)
         return index
     store = PassageStore.build_or_open(list(cfg.passages), cfg.passage_store_dir, cfg.max_passages, world)
     index = DistributedIndex(store, model.retriever.dim, world, cfg)
     logger.info("embedding %d passages (%d on this rank)", len(store), len(index.local_rows))
-    refresh_index(index, model, tokenizers, cfg)
+    refresh_index(index, model, tokenizers, cfg, encoder_state)
     return index
