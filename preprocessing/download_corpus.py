@@ -4,6 +4,9 @@
 
 Files land in ``${DATA_DIR}/{corpus key}/``: ``text-list-100-sec.jsonl`` and ``infobox.jsonl``. Pass both to
 ``--passages``.
+
+The original bucket is closed (facebookresearch/atlas issue #25): download from a mirror or a local copy of the release
+with ``--base_url URL`` or ``ATLAS_BASE_URL=URL`` (the flag wins), e.g. ``--base_url file:///mnt/atlas``.
 """
 
 from __future__ import annotations
@@ -29,12 +32,12 @@ def corpus_files(corpus: str) -> list[str]:
     return [f"{corpus}/{name}" for name in CORPUS_FILES]
 
 
-def main(output_directory: str, corpus: str) -> list[str]:
-    """Download every file of ``corpus`` under ``output_directory``; return the local paths."""
-    paths = []
+def main(output_directory: str, corpus: str, base_url: str | None = None) -> list[str]:
+    """Download every file of ``corpus`` from ``base_url`` (resolved) under ``output_directory``; return the paths."""
+    base, paths = download_tools.ATLAS.resolve(base_url), []
     for path in corpus_files(corpus):
         target = download_tools.get_download_path(output_directory, path)
-        paths.append(download_tools.maybe_download_file(download_tools.get_s3_path(path), target))
+        paths.append(download_tools.maybe_download_file(download_tools.get_s3_path(path, base), target))
     print(f"Corpus ready: pass --passages {' '.join(paths)}")
     return paths
 
@@ -58,9 +61,11 @@ def build_parser() -> argparse.ArgumentParser:
         default="./data",
         help="directory under which {corpus key}/ is created (default: ./data)",
     )
+    example = f"corpora/wiki/enwiki-dec2018/{CORPUS_FILES[0]}"
+    download_tools.add_base_url_argument(parser, download_tools.ATLAS, example)
     return parser
 
 
 if __name__ == "__main__":
     args = build_parser().parse_args()
-    main(args.output_directory, args.corpus)
+    main(args.output_directory, args.corpus, args.base_url)

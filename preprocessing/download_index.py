@@ -9,6 +9,9 @@ The index lands in ``${DATA_DIR}/{index key}/`` as the original's 128 shards, ``
 
 (or pass ``--convert`` here) and give ``--load_index_path ${DATA_DIR}/{index key}-converted`` to train.py or
 evaluate.py. Each index matches the retriever of the model with the same key (``models/...``).
+
+The original bucket is closed (facebookresearch/atlas issue #25): download from a mirror or a local copy of the release
+with ``--base_url URL`` or ``ATLAS_BASE_URL=URL`` (the flag wins), e.g. ``--base_url file:///mnt/atlas``.
 """
 
 from __future__ import annotations
@@ -58,11 +61,15 @@ def convert(src: str, dst: str) -> None:
         raise SystemExit(f"error: {error}") from None
 
 
-def main(output_directory: str, index: str, convert_to: str | None = None) -> str:
-    """Download every shard of ``index``; optionally convert it to ``convert_to`` ("" = default path)."""
+def main(output_directory: str, index: str, convert_to: str | None = None, base_url: str | None = None) -> str:
+    """Download every shard of ``index`` from ``base_url`` (resolved); optionally convert it to ``convert_to``.
+
+    ``convert_to`` "" means the default path ``{index dir}-converted``; None, no conversion.
+    """
+    base = download_tools.ATLAS.resolve(base_url)
     for path in index_files(index):
         target = download_tools.get_download_path(output_directory, path)
-        download_tools.maybe_download_file(download_tools.get_s3_path(path), target)
+        download_tools.maybe_download_file(download_tools.get_s3_path(path, base), target)
     src = download_tools.get_download_path(output_directory, index)
     dst = convert_to or src.rstrip("/") + CONVERTED_SUFFIX
     if convert_to is not None:
@@ -107,9 +114,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="after downloading, convert the index to this project's format in DST\n"
         f"(default DST: {{output_directory}}/{{index key}}{CONVERTED_SUFFIX})",
     )
+    example = "indices/atlas/wiki/base/" + PASSAGE_FNAME.format(shard=0)
+    download_tools.add_base_url_argument(parser, download_tools.ATLAS, example)
     return parser
 
 
 if __name__ == "__main__":
     args = build_parser().parse_args()
-    main(args.output_directory, args.index, args.convert)
+    main(args.output_directory, args.index, args.convert, args.base_url)

@@ -4,6 +4,9 @@
 
 The checkpoint lands at ``${DATA_DIR}/{model key}/model.pth.tar``; pass ``--model_path ${DATA_DIR}/{model key}``
 (with the matching ``--reader_model_type google/t5-{size}-lm-adapt``) to train.py or evaluate.py.
+
+The original bucket is closed (facebookresearch/atlas issue #25): download from a mirror or a local copy of the release
+with ``--base_url URL`` or ``ATLAS_BASE_URL=URL`` (the flag wins), e.g. ``--base_url file:///mnt/atlas``.
 """
 
 from __future__ import annotations
@@ -30,11 +33,11 @@ def model_path(model: str) -> str:
     return f"{model}/{MODEL_FILE_NAME}"
 
 
-def main(output_directory: str, model: str) -> str:
-    """Download the checkpoint of ``model`` under ``output_directory``; return its local path."""
+def main(output_directory: str, model: str, base_url: str | None = None) -> str:
+    """Download the checkpoint of ``model`` from ``base_url`` (resolved) under ``output_directory``; return its path."""
     path = model_path(model)
     target = download_tools.get_download_path(output_directory, path)
-    download_tools.maybe_download_file(download_tools.get_s3_path(path), target)
+    download_tools.maybe_download_file(download_tools.get_s3_path(path, base_url), target)
     size = model.rsplit("/", 1)[-1]
     print(f"Model ready: pass --model_path {os.path.dirname(target)} --reader_model_type google/t5-{size}-lm-adapt")
     return target
@@ -58,9 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
         default="./data",
         help="directory under which {model key}/ is created (default: ./data)",
     )
+    download_tools.add_base_url_argument(parser, download_tools.ATLAS, f"models/atlas/base/{MODEL_FILE_NAME}")
     return parser
 
 
 if __name__ == "__main__":
     args = build_parser().parse_args()
-    main(args.output_directory, args.model)
+    main(args.output_directory, args.model, args.base_url)

@@ -15,6 +15,11 @@ Writes ``{out}/nq_data/`` and ``{out}/triviaqa_data/``, each with ``train.jsonl`
   TriviaQA unfiltered-web-train), so the files are identical to the original's.
 
 Raw downloads are removed once the files are written. Existing output directories are kept unless --overwrite.
+
+FiD's ``dataindex.tar.gz`` was on the bucket that has been closed since Aug 2024 (facebookresearch/atlas issue #25):
+``--base_url URL`` or ``FID_BASE_URL=URL`` (the flag wins) names the directory holding a copy of it, e.g.
+``--base_url file:///mnt/fid`` for ``/mnt/fid/dataindex.tar.gz``. NQ-open (GitHub) and TriviaQA (UW) come from their
+own hosts.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from typing import Any
 
 import download_tools
 
-INDEX_URL = "https://dl.fbaipublicfiles.com/FiD/data/dataindex.tar.gz"
+INDEX_FILE = "dataindex.tar.gz"  # under download_tools.FID: the flag --base_url, $FID_BASE_URL, or FiD's bucket
 NQ_URL = "https://raw.githubusercontent.com/google-research-datasets/natural-questions/master/nq_open/NQ-open.{}.jsonl"
 TRIVIAQA_URL = "http://nlp.cs.washington.edu/triviaqa/data/triviaqa-unfiltered.tar.gz"
 TRIVIAQA_FILES = {"train": "unfiltered-web-train.json", "dev": "unfiltered-web-dev.json"}
@@ -131,7 +136,8 @@ def prepare_triviaqa(raw_dir: str, index_tar: str, triviaqa_dir: str) -> None:
     write_splits(triviaqa_dir, build_triviaqa_splits(train, dev, read_split_index(index_tar, "TQA")))
 
 
-def main(output_directory: str, overwrite: bool = False) -> None:
+def main(output_directory: str, overwrite: bool = False, base_url: str | None = None) -> None:
+    """Write nq_data/ and triviaqa_data/ under ``output_directory``; FiD's index comes from ``base_url`` (resolved)."""
     nq_dir = os.path.join(output_directory, "nq_data")
     triviaqa_dir = os.path.join(output_directory, "triviaqa_data")
     raw_dir = os.path.join(output_directory, "qa_raw_downloads")
@@ -143,7 +149,8 @@ def main(output_directory: str, overwrite: bool = False) -> None:
         print(f"{triviaqa_dir} exists, not overwriting (pass --overwrite)")
     if not (do_nq or do_triviaqa):
         return
-    index_tar = download_tools.maybe_download_file(INDEX_URL, os.path.join(raw_dir, "dataindex.tar.gz"))
+    index_url = f"{download_tools.FID.resolve(base_url)}/{INDEX_FILE}"
+    index_tar = download_tools.maybe_download_file(index_url, os.path.join(raw_dir, INDEX_FILE))
     if do_triviaqa:
         prepare_triviaqa(raw_dir, index_tar, triviaqa_dir)
     if do_nq:
@@ -151,9 +158,17 @@ def main(output_directory: str, overwrite: bool = False) -> None:
     shutil.rmtree(raw_dir, ignore_errors=True)
 
 
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description="Download and prepare NaturalQuestions-open and TriviaQA for Atlas.")
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="Download and prepare NaturalQuestions-open and TriviaQA for Atlas.",
+        formatter_class=argparse.RawTextHelpFormatter,
+    )
     parser.add_argument("--output_directory", type=str, default="./data/", help="nq_data/ and triviaqa_data/ go here")
     parser.add_argument("--overwrite", action="store_true", help="rebuild existing nq_data/ and triviaqa_data/")
-    args = parser.parse_args()
-    main(args.output_directory, args.overwrite)
+    download_tools.add_base_url_argument(parser, download_tools.FID, INDEX_FILE)
+    return parser
+
+
+if __name__ == "__main__":
+    args = build_parser().parse_args()
+    main(args.output_directory, args.overwrite, args.base_url)

@@ -20,6 +20,7 @@ import torch
 
 from src.data import DataPosition
 from src.errors import UserError
+from src.hf_export import is_export, read_export
 
 logger = logging.getLogger(__name__)
 
@@ -30,8 +31,10 @@ SCHEDULER_KEYS = {"reader": "scheduler", "retriever": "retr_scheduler"}
 
 
 def read_checkpoint(path: str | Path) -> dict:
-    """Load a checkpoint file (ours, or a released Atlas one whose `opt` is an argparse Namespace)."""
+    """Load a checkpoint file (ours, or a released Atlas one whose `opt` is an argparse Namespace), or an export."""
     path = Path(path)
+    if is_export(path):  # a directory written by preprocessing/export_hf.py
+        return read_export(path)
     if path.is_dir():
         path = path / CHECKPOINT_FILE
     if not path.is_file():

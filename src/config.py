@@ -53,7 +53,7 @@ class ModelConfig:
     retriever_model_path: str = "facebook/contriever"
     model_path: str | None = None  # None: start from the pretrained parts (the flag's "none")
     dropout: float = 0.1
-    uncentered_layernorm: bool = False
+    uncentered_layernorm: str = "auto"  # auto | on | off (auto: what the checkpoint was trained with)
     query_side_retriever_training: bool = False
     use_gradient_checkpoint_reader: bool = False
     use_gradient_checkpoint_retriever: bool = False

@@ -6,7 +6,9 @@ position_ids of transformers 4.18 BERT are dropped, and a tied retriever is copi
 encoders for query-side training.
 """
 
+import argparse
 import contextlib
+import dataclasses
 import logging
 
 import torch
@@ -16,7 +18,7 @@ from src import reader as fid
 from src import retriever as contriever
 from src.atlas import Atlas
 from src.batching import Tokenizers
-from src.config import AtlasConfig, ModelConfig
+from src.config import AtlasConfig, ModelConfig, Settings
 from src.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -68,6 +70,41 @@ def load_tokenizers(cfg: ModelConfig) -> Tokenizers:
     return Tokenizers(reader_tok, retriever_tok)
 
 
+def uncentered_layernorm(cfg: ModelConfig, checkpoint: dict | None) -> bool:
+    """Resolve --uncentered_layernorm: on/off as given; auto uses the formula the checkpoint's retriever was trained
+    with: uncentered for a released Atlas checkpoint (its `opt` is the original's Namespace), what our checkpoints
+    and exports record, and the standard LayerNorm for a retriever from --retriever_model_path alone."""
+    opt = (checkpoint or {}).get("opt")
+    if isinstance(opt, argparse.Namespace):
+        recorded, source = True, "a released Atlas checkpoint (the original's uncentered LayerNorm)"
+    elif isinstance(opt, dict) and opt.get("uncentered_layernorm") in ("on", True):
+        recorded, source = True, "the checkpoint records the uncentered LayerNorm"
+    elif checkpoint:
+        recorded, source = False, "the checkpoint records the standard LayerNorm"
+    else:
+        recorded, source = False, f"a new retriever from {cfg.retriever_model_path}"
+    if cfg.uncentered_layernorm == "auto":
+        logger.info("retriever LayerNorm: %s (%s)", "uncentered" if recorded else "standard", source)
+        return recorded
+    chosen = cfg.uncentered_layernorm == "on"
+    if checkpoint and chosen != recorded:
+        logger.warning("--uncentered_layernorm %s, but %s", cfg.uncentered_layernorm, source)
+    return chosen
+
+
+def record_layernorm(settings: Settings, model: Atlas) -> Settings:
+    """The settings with --uncentered_layernorm resolved to what the retriever uses (on/off): the options are saved
+    in checkpoints, so `auto` then loads them with the same formula."""
+    if model.retriever is None:
+        return settings
+    value = "on" if model.retriever.uncentered_layernorm else "off"
+    return dataclasses.replace(
+        settings,
+        model=dataclasses.replace(settings.model, uncentered_layernorm=value),
+        options={**settings.options, "uncentered_layernorm": value},
+    )
+
+
 def build_model(
     cfg: ModelConfig,
     atlas_cfg: AtlasConfig,
@@ -92,7 +129,7 @@ def build_model(
             reader.set_attn_implementation("eager")
     if cfg.with_retriever:
         with hub_errors("--retriever_model_path", cfg.retriever_model_path):
-            encoder = contriever.load_encoder(cfg.retriever_model_path, cfg.uncentered_layernorm)
+            encoder = contriever.load_encoder(cfg.retriever_model_path, uncentered_layernorm(cfg, checkpoint))
         retriever = contriever.Retriever(encoder, query_side=query_side)
     enable_gradient_checkpointing(reader, retriever, cfg)
     model = Atlas(reader, retriever, atlas_cfg)

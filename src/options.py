@@ -17,6 +17,7 @@ from typing import Any
 
 from src.config import AtlasConfig, EvalConfig, IndexConfig, ModelConfig, Settings, TrainConfig
 from src.gold_scores import GOLD_SCORE_ALIASES, GOLD_SCORE_MODES
+from src.hf_export import is_export, part_paths
 from src.index.distributed_index import MODES as INDEX_MODES
 from src.index.faiss_index import INDEX_TYPES as FAISS_INDEX_TYPES
 from src.index.refresh import parse_refresh_schedule
@@ -41,6 +42,7 @@ READER_MODEL_TYPES = (
     "google/t5-xxl-lm-adapt",
 )
 PERMUTATIONS = ("single", "cyclic", "all")
+DEFAULT_RETRIEVER = "facebook/contriever"
 
 
 def reader_model_type(value: str) -> str:
@@ -126,7 +128,7 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--retriever_model_path",
         type=str,
-        default="facebook/contriever",
+        default=DEFAULT_RETRIEVER,
         help="Contriever hub name or local directory (--model_path overrides)",
     )
     g.add_argument("--retrieve_only", action="store_true", help="evaluate.py only: no reader, retrieval metrics only")
@@ -154,7 +156,15 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--query_side_retriever_training", action="store_true", help="train the query encoder only")
     g.add_argument("--retrieve_with_rerank", action="store_true", help="rerank with a fresh passage encoder")
     g.add_argument("--n_to_rerank_with_retrieve_with_rerank", type=int, default=128, help="passages to rerank")
-    g.add_argument("--uncentered_layernorm", action="store_true", help="(addition) original retriever's LayerNorm")
+    g.add_argument(
+        "--uncentered_layernorm",
+        nargs="?",
+        const="on",
+        default="auto",
+        choices=("auto", "on", "off"),
+        help="(addition) the original retriever's uncentered LayerNorm: auto (default) uses what --model_path was "
+        "trained with (on for a released Atlas checkpoint), off otherwise; the bare flag means on",
+    )
     g.add_argument(
         "--kl_reduction",
         type=str,
@@ -240,8 +250,12 @@ def _add_optim_flags(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--shuffle", action="store_true", help="shuffle training data")
     g.add_argument("--precision", type=str, default="fp32", choices=["fp16", "fp32", "bf16"], help="numeric precision")
-    g.add_argument("--shard_optim", action="store_true", help="shard optimizer state over devices")
-    g.add_argument("--shard_grads", action="store_true", help="shard gradients over devices (needs --shard_optim)")
+    g.add_argument("--shard_optim", action="store_true", help="shard the AdamW state over processes (ZeRO-1)")
+    g.add_argument(
+        "--shard_grads",
+        action="store_true",
+        help="shard gradients (and weights between steps) too (ZeRO-2: FSDP2); needs --shard_optim",
+    )
     g.add_argument("--use_gradient_checkpoint_reader", action="store_true", help="gradient checkpointing in reader")
     g.add_argument(
         "--use_gradient_checkpoint_retriever", action="store_true", help="gradient checkpointing in retriever"
@@ -278,7 +292,13 @@ def _normalise(opt: argparse.Namespace) -> None:
 
 
 def _apply_consequences(opt: argparse.Namespace) -> None:
-    """--closed_book and --use_file_passages overrides, as in the original."""
+    """--closed_book and --use_file_passages overrides, as in the original; an export's architectures."""
+    if is_export(opt.model_path):  # an export_hf.py directory carries its own reader and retriever architectures
+        parts = part_paths(opt.model_path)
+        if opt.reader_model_type is None and "reader" in parts:
+            opt.reader_model_type = parts["reader"]
+        if opt.retriever_model_path == DEFAULT_RETRIEVER and "retriever" in parts:
+            opt.retriever_model_path = parts["retriever"]
     if opt.closed_book:
         opt.n_context, opt.retriever_n_context = 1, 1
         opt.encoder_format, opt.use_file_passages = "{query}", True

@@ -98,6 +98,11 @@ class Retriever(nn.Module):
     def dim(self) -> int:
         return self.query_encoder.config.hidden_size
 
+    @property
+    def uncentered_layernorm(self) -> bool:
+        """Whether the encoders use the original's uncentered LayerNorm (what a saved index records)."""
+        return any(isinstance(m, UncenteredLayerNorm) for m in self.query_encoder.modules())
+
     def train(self, mode: bool = True) -> "Retriever":
         super().train(mode)
         if self.query_side:

@@ -16,7 +16,7 @@ from src.evaluation import EvalData, load_eval_data
 from src.index import DistributedIndex
 from src.index.refresh import build_index
 from src.logs import setup_logging
-from src.model_factory import build_model, load_tokenizers
+from src.model_factory import build_model, load_tokenizers, record_layernorm
 from src.options import parse_settings
 from src.tasks import Task, build_task
 from src.training import seed_everything
@@ -66,6 +66,7 @@ def setup(argv: list[str] | None, mode: str) -> Run:
         logger.info("%s/checkpoint/latest wins over --model_path %s", settings.run_dir, settings.model.model_path)
     source = resume or (read_checkpoint(settings.model.model_path) if settings.model.model_path else None)
     model, tokenizers = build_model(settings.model, settings.atlas, world.device, source, tokenizers)
+    settings = record_layernorm(settings, model)  # checkpoints then record the variant `auto` resolved to
     index = build_index(settings.index, model, tokenizers, world, (resume or {}).get("index_passage_encoder"))
     step = int(resume["step"]) if resume else 0
     return Run(settings, world, task, train_data, eval_data, model, tokenizers, index, step, resume)

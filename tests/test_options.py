@@ -145,12 +145,19 @@ def test_seed_readme_usage_flags_all_defined() -> None:
         ("emdr_mixture", "token"),
         ("faiss_nprobe", None),
         ("passage_store_dir", None),
-        ("uncentered_layernorm", False),
+        ("uncentered_layernorm", "auto"),
     ],
 )
 def test_defaults_match_seed(name: str, value: object) -> None:
     opt = parse_options(BASE, "train")
     assert getattr(opt, name) == value
+
+
+@pytest.mark.parametrize("argv,value", [([], "auto"), (["--uncentered_layernorm"], "on"),
+                                        (["--uncentered_layernorm", "off"], "off")])  # fmt: skip
+def test_uncentered_layernorm_flag(argv: list[str], value: str) -> None:
+    """The bare flag (the only spelling before auto existed) still means on."""
+    assert parse_options(BASE + argv, "train").uncentered_layernorm == value
 
 
 @pytest.mark.parametrize("alias,canonical", [("pdist", "ppmean"), ("adist", "evalnormsum")])

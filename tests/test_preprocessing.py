@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import http.server
 import io
 import json
 import os
@@ -14,8 +13,6 @@ import re
 import subprocess
 import sys
 import tarfile
-import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -38,7 +35,6 @@ import prepare_templama  # noqa: E402
 from src.options import parse_options  # noqa: E402
 from src.tasks import UNIMPLEMENTED_TASKS  # noqa: E402
 
-REAL_DOWNLOAD = download_tools.download
 # The launcher scripts (torchrun or srun) ported from the original; example_scripts/demo/ is a plain local script.
 SCRIPT_NAMES = """nq/train_fewshot.sh nq/train.sh nq/evaluate.sh nq/retrieve_only.sh mmlu/mmlu-5-shot.sh
 mmlu/mmlu-zeroshot.sh mmlu/mmlu-full.sh mmlu/mmlu-5-shot-multi.sh templama/train.sh templama/evaluate.sh lm/train.sh
@@ -48,12 +44,21 @@ SCRIPTS = [ROOT / "example_scripts" / name for name in SCRIPT_NAMES]
 
 @pytest.fixture(autouse=True)
 def no_network(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Any download attempted by a prepare_* main() fails the test instead of reaching the network."""
+    """Any download attempted by a prepare_* main() fails the test instead of reaching the network.
+
+    Files placed beforehand are kept: their size check against the source finds it unreachable (a warning).
+    """
 
     def refuse(url: str, target: str) -> str:
         raise AssertionError(f"unexpected download of {url} to {target}")
 
+    def unreachable(url: str) -> None:
+        raise OSError("no network in tests")
+
     monkeypatch.setattr(download_tools, "download", refuse)
+    monkeypatch.setattr(download_tools, "source_size", unreachable)
+    for source in (download_tools.ATLAS, download_tools.FID):  # the original locations, whatever the shell says
+        monkeypatch.delenv(source.env_var, raising=False)
 
 
 def write_json_tar(path: Path, members: dict[str, object]) -> None:
@@ -403,72 +408,7 @@ def test_download_index_convert_flag_runs_the_converter(fetched: list, tmp_path:
 # --------------------------------------------------------------------------------------------------- download_tools
 
 
-def test_download_file_url_is_atomic_and_skips_existing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(download_tools, "download", REAL_DOWNLOAD)  # file:// stays on this machine
-    source = tmp_path / "source.bin"
-    source.write_bytes(os.urandom(3 * download_tools.CHUNK_BYTES + 17))
-    target = tmp_path / "out" / "sub" / "file.bin"
-    (tmp_path / "out" / "sub").mkdir(parents=True)
-    Path(str(target) + ".part").write_bytes(b"stale partial bytes")  # file:// ignores Range: restarts from zero
-    assert download_tools.maybe_download_file(source.as_uri(), str(target)) == str(target)
-    assert target.read_bytes() == source.read_bytes() and not Path(str(target) + ".part").exists()
-    source.write_bytes(b"changed")
-    download_tools.maybe_download_file(source.as_uri(), str(target))  # final file exists: not fetched again
-    assert target.read_bytes() != b"changed"
-
-
-def test_download_failure_names_the_url_and_leaves_no_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(download_tools, "download", REAL_DOWNLOAD)
-    url = (tmp_path / "missing.bin").as_uri()
-    with pytest.raises(SystemExit, match=re.escape(url)):
-        download_tools.maybe_download_file(url, str(tmp_path / "t.bin"))
-    assert not (tmp_path / "t.bin").exists()
-
-
-class _RangeHandler(http.server.BaseHTTPRequestHandler):
-    """Serves BODY at /file with Range support; /cut sends half of the body then drops the connection."""
-
-    BODY = bytes(range(256)) * 4000
-
-    def do_GET(self) -> None:  # noqa: N802  (http.server's name)
-        if self.path not in ("/file", "/cut"):
-            self.send_error(404, "Not Found")
-            return
-        start = int(m.group(1)) if (m := re.fullmatch(r"bytes=(\d+)-", self.headers.get("Range", ""))) else 0
-        self.server.requests.append((self.path, start))  # type: ignore[attr-defined]
-        body = self.BODY[start:]
-        self.send_response(206 if start else 200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body[: len(body) // 2] if self.path == "/cut" else body)
-
-    def log_message(self, *args: object) -> None:
-        pass
-
-
-@pytest.fixture
-def http_server() -> Iterator[http.server.HTTPServer]:
-    server = http.server.HTTPServer(("127.0.0.1", 0), _RangeHandler)
-    server.requests = []  # type: ignore[attr-defined]
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield server
-    server.shutdown()
-    server.server_close()
-
-
-def test_http_errors_and_resume(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, http_server) -> None:
-    monkeypatch.setattr(download_tools, "download", REAL_DOWNLOAD)
-    base = f"http://127.0.0.1:{http_server.server_port}"
-    target = str(tmp_path / "f.bin")
-    with pytest.raises(SystemExit, match=re.escape(f"{base}/nope") + ".*HTTP 404"):
-        download_tools.maybe_download_file(f"{base}/nope", target)
-    with pytest.raises(SystemExit, match="got .* of 1024000 bytes"):  # truncated body: the .part is kept ...
-        download_tools.maybe_download_file(f"{base}/cut", target)
-    assert not os.path.exists(target) and os.path.getsize(target + ".part") == 512000
-    download_tools.maybe_download_file(f"{base}/file", target)  # ... and the next run asks only for the rest
-    assert http_server.requests[-1] == ("/file", 512000)
-    assert Path(target).read_bytes() == _RangeHandler.BODY and not os.path.exists(target + ".part")
+# The download itself (sizes, resume, errors, --base_url end to end) is tested in test_downloads.py.
 
 
 def test_extract_tar_refuses_escaping_members(tmp_path: Path) -> None:

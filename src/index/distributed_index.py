@@ -70,6 +70,8 @@ class DistributedIndex:
         self.device = world.device
         self.dtype = torch.float16 if self.device.type == "cuda" else torch.float32
         self.source_path = source_path  # where it was loaded from; named in dimension errors
+        # LayerNorm variant of the retriever that embedded it ("uncentered" | "standard"; None: not recorded)
+        self.retriever_layernorm: str | None = None
         self._embeddings: torch.Tensor | None = None  # (N_local, d), flat mode only
         self._faiss = None  # faiss index over local rows (local id i = local_rows[i]), faiss mode only
         self._ready = False

@@ -13,7 +13,11 @@ An index directory holds::
      "passages": "passages",
      "embeddings": {"dtype": "float32", "shards": [{"file": ..., "start": 0, "end": n_0, "bytes": ..., "crc32": ...}]},
      "faiss": null | {"index_type": ..., "code_size": ..., "world_size": W,
-                      "files": [{"file": ... | null, "start": ..., "end": ..., "bytes": ..., "crc32": ...}]}}
+                      "files": [{"file": ... | null, "start": ..., "end": ..., "bytes": ..., "crc32": ...}]},
+     "retriever_layernorm": "uncentered" | "standard" | null}
+
+``retriever_layernorm`` is the LayerNorm of the retriever that embedded the passages (null: not recorded, e.g. an
+index saved before it was); a retriever of the other variant cannot search it.
 
 Shards are contiguous blocks of rows ``[i*N//S, (i+1)*N//S)`` for S = min(n_shards, N), independent of the world
 size; a loading rank reads only the shards that overlap its own rows, so any world size can load any flat index.
@@ -120,7 +124,9 @@ def write_manifest(directory: str, manifest: dict[str, Any]) -> None:
     os.rename(tmp, os.path.join(directory, MANIFEST))
 
 
-def make_manifest(dim: int, n_passages: int, embeddings: dict | None, faiss: dict | None) -> dict[str, Any]:
+def make_manifest(
+    dim: int, n_passages: int, embeddings: dict | None, faiss: dict | None, retriever_layernorm: str | None = None
+) -> dict[str, Any]:
     mode = "faiss" if faiss is not None else "flat"
     return {
         "format": FORMAT,
@@ -131,6 +137,7 @@ def make_manifest(dim: int, n_passages: int, embeddings: dict | None, faiss: dic
         "passages": STORE_DIR,
         "embeddings": embeddings,
         "faiss": faiss,
+        "retriever_layernorm": retriever_layernorm,
     }
 
 
@@ -291,7 +298,8 @@ def _write_index_manifest(index: DistributedIndex, directory: str, entries: list
             "world_size": index.world.world_size,
             "files": entries,
         }
-    write_manifest(directory, make_manifest(index.dim, len(index.store), embeddings, faiss))
+    manifest = make_manifest(index.dim, len(index.store), embeddings, faiss, index.retriever_layernorm)
+    write_manifest(directory, manifest)
 
 
 def _save_flat_shards(
@@ -371,6 +379,7 @@ def _load_local(path: str, world: World, cfg: IndexConfig) -> DistributedIndex:
         dtype = np.float16 if index.dtype == torch.float16 else np.float32  # the index's in-memory dtype
         rows = read_rows(path, manifest, index.local_rows.start, index.local_rows.stop, dtype)  # (N_local, d)
         index.set_embeddings(torch.from_numpy(rows))
+        index.retriever_layernorm = manifest.get("retriever_layernorm")
         return index
     if cfg.mode != "faiss":
         raise UserError(
@@ -394,4 +403,5 @@ def _load_local(path: str, world: World, cfg: IndexConfig) -> DistributedIndex:
         if faiss_object.ntotal != len(index.local_rows) or faiss_object.d != index.dim:
             raise UserError(f"faiss file {os.path.join(path, entry['file'])} does not match the manifest")
     index.set_faiss(faiss_object)
+    index.retriever_layernorm = manifest.get("retriever_layernorm")
     return index

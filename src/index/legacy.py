@@ -137,7 +137,8 @@ def import_legacy_index(src_dir: str, dst_dir: str) -> None:
         if len(dtypes) > 1:
             raise UserError(f"the embedding files of {src_dir} mix dtypes {sorted(dtypes)}")
         embeddings = {"dtype": dtypes.pop(), "shards": entries}
-        io.write_manifest(tmp, io.make_manifest(dim, len(store), embeddings, None))
+        # the original's retriever computed every released index with its uncentered LayerNorm (ATLAS_REFERENCE 2.4)
+        io.write_manifest(tmp, io.make_manifest(dim, len(store), embeddings, None, "uncentered"))
         io.publish(tmp, dst_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

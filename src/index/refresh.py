@@ -15,6 +15,7 @@ import torch
 
 from src.config import IndexConfig
 from src.distributed import World
+from src.errors import UserError
 from src.index.distributed_index import DistributedIndex
 from src.index.embed import embed_passages
 from src.index.io import load_index, save_index
@@ -63,6 +64,10 @@ def passage_encoder_state(model: Atlas) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu", copy=True) for k, v in model.retriever.passage_encoder.state_dict().items()}
 
 
+def layernorm_name(uncentered: bool) -> str:
+    return "uncentered" if uncentered else "standard"
+
+
 def refresh_index(
     index: DistributedIndex,
     model: Atlas,
@@ -91,6 +96,7 @@ def refresh_index(
     finally:
         if current is not None:
             encoder.load_state_dict(current)
+    index.retriever_layernorm = layernorm_name(model.retriever.uncentered_layernorm)
     if cfg.save_index_path:
         save_index(index, cfg.save_index_path, cfg.save_index_n_shards)
 
@@ -111,6 +117,14 @@ def build_index(
     if cfg.load_index_path:
         index = load_index(cfg.load_index_path, world, cfg)
         index.check_dim(model.retriever.dim)
+        ours = layernorm_name(model.retriever.uncentered_layernorm)
+        if index.retriever_layernorm not in (None, ours):
+            flag = "on" if index.retriever_layernorm == "uncentered" else "off"
+            saved = index.retriever_layernorm
+            raise UserError(
+                f"--load_index_path {cfg.load_index_path} was embedded by a retriever with the {saved} LayerNorm, but "
+                f"this retriever uses the {ours} one: pass --uncentered_layernorm {flag}, or rebuild the index"
+            )
         if encoder_state is not None:
             refresh_index(index, model, tokenizers, cfg, encoder_state)
         return index
