@@ -22,7 +22,8 @@ def main(argv: list[str] | None = None) -> None:
             requeue_slurm_job()
             print(f"stopped by a signal: resume state saved in {settings.run_dir}/checkpoint")
         return
-    print(f"training done: {train.total_steps} steps, checkpoints in {settings.run_dir}/checkpoint")
+    if world.is_main:
+        print(f"training done: {train.total_steps} steps, checkpoints in {settings.run_dir}/checkpoint")
 
 
 if __name__ == "__main__":

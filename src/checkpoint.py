@@ -1,16 +1,21 @@
-"""Checkpoint files and training state: read a checkpoint, find the run's latest one, save, restore optimizers.
+"""Checkpoint files and training state: read a checkpoint, find the run's latest one, save, resume states.
 
 Layout (as the original): {checkpoint_dir}/{name}/checkpoint/step-N/model.pth.tar and a `latest` symlink. The file is
 a dict {step, model, optimizer, retr_optimizer, scheduler, retr_scheduler, opt}; `opt` is a plain dict, so it loads
 with torch.load(weights_only=True). State-dict keys are `reader.*` (HF T5 names) and `retriever.contriever.*` or
 `retriever.{query,passage}_contriever.*` (HF BERT names), the same as the original's. Turning the `model` entry into
 modules is `src.model_factory`'s job.
+
+The latest step also carries a resume state: step-N/resume/ holds the optimizer states (one file per rank when they
+are sharded, else one file), whatever --save_optimizer says; model.pth.tar carries the rest (schedulers, GradScaler,
+every rank's data position and random states). Older steps' resume states are pruned.
 """
 
 import argparse
 import logging
 import os
 import random
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -25,6 +30,7 @@ from src.hf_export import is_export, read_export
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_FILE = "model.pth.tar"
+RESUME_DIR = "resume"  # step-N/resume/: the optimizer states a rerun resumes with (kept for the latest step only)
 # optimizer / scheduler names in the trainer -> keys of the checkpoint dict (the original's)
 OPTIMIZER_KEYS = {"reader": "optimizer", "retriever": "retr_optimizer"}
 SCHEDULER_KEYS = {"reader": "scheduler", "retriever": "retr_scheduler"}
@@ -57,7 +63,7 @@ def resume_state(run_dir: Path, options: dict[str, Any] | None = None) -> dict |
     checkpoint are logged and a different task or reader refused.
     """
     directory = run_dir / "checkpoint"
-    for orphan in directory.glob("step-*/*.tmp"):
+    for orphan in [*directory.glob("step-*/*.tmp"), *directory.glob(f"step-*/{RESUME_DIR}/*.tmp")]:
         orphan.unlink(missing_ok=True)
         logger.info("removed %s, left by a save that did not finish", orphan)
     latest = directory / "latest"
@@ -125,18 +131,57 @@ def restore_rng_state(states: list | None, rank: int, world_size: int) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def restore_training_state(optimizers: dict, schedulers: dict, state: dict | None) -> None:
-    """Restore both optimizers and both schedulers from a resumed checkpoint."""
-    if not state:
-        return
-    for name, key in OPTIMIZER_KEYS.items():
-        if name in optimizers and state.get(key):
-            optimizers[name].load_state_dict(state[key])
-        elif name in optimizers:
-            logger.warning("checkpoint has no %s state (saved without --save_optimizer): starting it afresh", key)
+def restore_schedulers(optimizers: dict, schedulers: dict, state: dict | None) -> None:
+    """Restore both schedulers from a resumed checkpoint and give the optimizers their learning rates (a sharded or
+    restarted optimizer state does not carry them)."""
     for name, key in SCHEDULER_KEYS.items():
-        if name in schedulers and state.get(key):
+        if name in schedulers and (state or {}).get(key):
             schedulers[name].load_state_dict(state[key])
+            for group, lr in zip(optimizers[name].param_groups, schedulers[name].get_last_lr()):
+                group["lr"] = lr
+
+
+def _atomic_save(content: Any, path: Path) -> None:
+    """torch.save to a temporary sibling, fsync, rename: a killed save never leaves a truncated file at `path`."""
+    handle, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    os.close(handle)
+    torch.save(content, tmp)
+    with open(tmp, "rb") as handle:  # on disk before the rename: a crash never leaves a renamed, empty file
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def checkpoint_content(
+    step: int,
+    model_state: dict[str, torch.Tensor],
+    optimizer_states: dict[str, dict | None],
+    scheduler_states: dict[str, dict],
+    options: dict[str, Any],
+    extra: dict[str, Any] | None = None,
+) -> dict:
+    """The model.pth.tar dict: the original's keys (an optimizer's entry None when not saved), then `extra`."""
+    content: dict[str, Any] = {"step": step, "model": model_state}
+    for name, key in OPTIMIZER_KEYS.items():
+        content[key] = optimizer_states.get(name)
+    for name, key in SCHEDULER_KEYS.items():
+        content[key] = scheduler_states.get(name)
+    content["opt"] = options
+    content.update(extra or {})
+    return content
+
+
+def write_checkpoint(run_dir: Path, step: int, content: dict) -> Path:
+    """Write step-N/model.pth.tar atomically and point `latest` at it. Call on the main rank only."""
+    directory = run_dir / "checkpoint"
+    step_dir = directory / f"step-{step}"
+    step_dir.mkdir(parents=True, exist_ok=True)
+    _atomic_save(content, step_dir / CHECKPOINT_FILE)
+    link_tmp = directory / f".latest-{os.getpid()}"
+    link_tmp.unlink(missing_ok=True)
+    link_tmp.symlink_to(step_dir.name)
+    os.replace(link_tmp, directory / "latest")
+    logger.info("saved checkpoint %s", step_dir / CHECKPOINT_FILE)
+    return step_dir / CHECKPOINT_FILE
 
 
 def save_checkpoint(
@@ -149,33 +194,53 @@ def save_checkpoint(
     options: dict[str, Any],
     extra: dict[str, Any] | None = None,
 ) -> Path:
-    """Write step-N/model.pth.tar atomically and point `latest` at it. Call on the main rank only.
+    """Write step-N/model.pth.tar of an unwrapped model and its optimizers (their states only with `with_optimizer`).
 
     `extra` adds keys of ours (e.g. `data_positions`) after the original's; the original's loaders ignore them.
     """
-    directory = run_dir / "checkpoint"
-    step_dir = directory / f"step-{step}"
-    step_dir.mkdir(parents=True, exist_ok=True)
+    optimizer_states = {name: o.state_dict() for name, o in optimizers.items()} if with_optimizer else {}
+    scheduler_states = {name: s.state_dict() for name, s in schedulers.items()}
+    content = checkpoint_content(step, model.state_dict(), optimizer_states, scheduler_states, options, extra)
+    return write_checkpoint(run_dir, step, content)
 
-    def state_of(objects: dict, name: str) -> dict | None:
-        return objects[name].state_dict() if name in objects else None
 
-    content = {"step": step, "model": model.state_dict()}
-    for name, key in OPTIMIZER_KEYS.items():
-        content[key] = state_of(optimizers, name) if with_optimizer else None
-    for name, key in SCHEDULER_KEYS.items():
-        content[key] = state_of(schedulers, name)
-    content["opt"] = options
-    content.update(extra or {})
-    handle, tmp = tempfile.mkstemp(dir=step_dir, suffix=".tmp")
-    os.close(handle)
-    torch.save(content, tmp)
-    with open(tmp, "rb") as handle:  # on disk before the rename: a crash never leaves a renamed, empty file
-        os.fsync(handle.fileno())
-    os.replace(tmp, step_dir / CHECKPOINT_FILE)  # a killed save never leaves a truncated model.pth.tar
-    link_tmp = directory / f".latest-{os.getpid()}"
-    link_tmp.unlink(missing_ok=True)
-    link_tmp.symlink_to(step_dir.name)
-    os.replace(link_tmp, directory / "latest")
-    logger.info("saved checkpoint %s", step_dir / CHECKPOINT_FILE)
-    return step_dir / CHECKPOINT_FILE
+def _shard_name(rank: int, world_size: int) -> str:
+    return f"optimizers.rank{rank:05d}-of-{world_size:05d}.pt"
+
+
+def write_resume_state(run_dir: Path, step: int, content: dict, rank: int, world_size: int, sharded: bool) -> None:
+    """Write this rank's optimizer states for step N (sharded: one file per rank; else rank 0 writes the one file)."""
+    directory = run_dir / "checkpoint" / f"step-{step}" / RESUME_DIR
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / (_shard_name(rank, world_size) if sharded else "optimizers.pt")
+    try:
+        _atomic_save({"step": step, "world_size": world_size, **content}, path)
+    except OSError as err:
+        raise UserError(f"cannot write the resume state {path} ({err.strerror or err})") from None
+
+
+def read_resume_state(run_dir: Path, step: int, rank: int, world_size: int) -> tuple[dict | None, bool]:
+    """This rank's saved optimizer states of step N and whether they are its shard (True) or whole states (False).
+
+    (None, False) when the step has no resume state (saved by an older version, or pruned) or when it is sharded over
+    another number of processes (a shard cannot be re-split: logged, the optimizers start afresh).
+    """
+    directory = run_dir / "checkpoint" / f"step-{step}" / RESUME_DIR
+    if (directory / "optimizers.pt").is_file():
+        return torch.load(directory / "optimizers.pt", map_location="cpu", weights_only=True), False
+    mine = directory / _shard_name(rank, world_size)
+    if mine.is_file():
+        return torch.load(mine, map_location="cpu", weights_only=True), True
+    others = sorted(directory.glob("optimizers.rank*-of-*.pt"))
+    if others:
+        saved = int(others[0].stem.rsplit("-of-", 1)[1])
+        logger.warning("the optimizer states of step %d are sharded over %d processes, not %d: the optimizers start "
+                       "afresh (weights, schedulers and data continue)", step, saved, world_size)  # fmt: skip
+    return None, False
+
+
+def prune_resume_states(run_dir: Path, keep_step: int) -> None:
+    """Remove the resume states of every step but `keep_step` (older model.pth.tar files stay)."""
+    for directory in (run_dir / "checkpoint").glob(f"step-*/{RESUME_DIR}"):
+        if directory.parent.name != f"step-{keep_step}":
+            shutil.rmtree(directory, ignore_errors=True)

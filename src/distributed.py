@@ -128,6 +128,20 @@ def destroy_distributed() -> None:
         dist.destroy_process_group()
 
 
+def rank() -> int:
+    """This process's global rank (0 in one process)."""
+    return dist.get_rank() if is_distributed() else 0
+
+
+def is_peer_failure(error: BaseException) -> bool:
+    """True for the error a collective raises when another process died (gloo: its connection closed; NCCL: a
+    DistBackendError), as opposed to a fault of this process."""
+    if not is_distributed() or not isinstance(error, RuntimeError):
+        return False
+    text = str(error)
+    return isinstance(error, dist.DistBackendError) or ("gloo" in text and ("Connection" in text or "closed" in text))
+
+
 def communication_device() -> torch.device:
     """Where collective payloads live: the current CUDA device for an NCCL group, else the CPU."""
     if is_distributed() and dist.get_backend() == "nccl":
@@ -183,6 +197,18 @@ def recv_tensor(t: torch.Tensor, src: int) -> torch.Tensor:
     buffer = torch.empty_like(t, device=communication_device())
     dist.recv(buffer, src=src)
     return t.copy_(buffer)
+
+
+def broadcast_module(module: torch.nn.Module) -> None:
+    """Give every rank rank 0's parameters and buffers, in place; a no-op in one process."""
+    if not is_distributed():
+        return
+    device = communication_device()
+    for t in [*module.parameters(), *module.buffers()]:
+        payload = t.data.to(device)
+        dist.broadcast(payload, src=0)
+        if payload is not t.data:
+            t.data.copy_(payload)
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:

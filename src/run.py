@@ -79,6 +79,14 @@ def main_guard(fn: Callable[[], None]) -> None:
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+    except RuntimeError as err:
+        if not dist.is_peer_failure(err):
+            raise
+        # Another process failed (its own message says why) and this one's collective lost its connection: one line,
+        # not a traceback that would bury that message.
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0].split(" This is typically")[0]
+        print(f"error: rank {dist.rank()}: another process ended during a collective ({first})", file=sys.stderr)
+        sys.exit(1)
     except KeyboardInterrupt:
         sys.exit(130)
     finally:

@@ -13,19 +13,29 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
-from torch.distributed.optim import ZeroRedundancyOptimizer
 from torch.optim.lr_scheduler import LambdaLR
 
 from src import distributed as dist
 from src.atlas import Atlas
 from src.batching import Tokenizers, collate
-from src.checkpoint import restore_rng_state, restore_training_state, rng_state, save_checkpoint
+from src.checkpoint import (
+    OPTIMIZER_KEYS,
+    checkpoint_content,
+    prune_resume_states,
+    read_resume_state,
+    restore_rng_state,
+    restore_schedulers,
+    rng_state,
+    write_checkpoint,
+    write_resume_state,
+)
 from src.config import Settings, TrainConfig
 from src.data import DataPosition, TrainingBatches
 from src.index import DistributedIndex
 from src.index.refresh import passage_encoder_state, refresh_due, refresh_index
 from src.logs import MetricWriter
 from src.retrieval import passages_for
+from src.sharding import DataParallel
 from src.tasks import Example, Task
 
 logger = logging.getLogger(__name__)
@@ -60,8 +70,10 @@ def lr_lambda(scheduler: str, warmup_steps: int, total_steps: int, ratio: float 
     return fn
 
 
-def build_optimizers(model: Atlas, cfg: TrainConfig) -> tuple[dict, dict]:
-    """AdamW for the reader (`--lr`) and, when it trains, the retriever (`--lr_retriever`); their schedulers."""
+def build_optimizers(model: Atlas, cfg: TrainConfig, parallel: DataParallel | None = None) -> tuple[dict, dict]:
+    """AdamW for the reader (`--lr`) and, when it trains, the retriever (`--lr_retriever`); their schedulers.
+
+    With `parallel`, after it wrapped the model: its optimizers (ZeRO-1 sharded, or over FSDP's parameter shards)."""
     groups = {"reader": (model.reader, cfg.lr)}
     if cfg.train_retriever and model.retriever is not None:
         groups["retriever"] = (model.retriever, cfg.lr_retriever)
@@ -69,28 +81,11 @@ def build_optimizers(model: Atlas, cfg: TrainConfig) -> tuple[dict, dict]:
     for name, (module, lr) in groups.items():
         params = [p for p in module.parameters() if p.requires_grad]
         kwargs = dict(lr=lr, betas=(0.9, cfg.beta2), eps=cfg.epsilon, weight_decay=cfg.weight_decay)
-        if cfg.shard_optim and dist.is_distributed():  # each rank keeps 1/W of the Adam state
-            optimizers[name] = ZeroRedundancyOptimizer(params, optimizer_class=torch.optim.AdamW, **kwargs)
-        else:
-            optimizers[name] = torch.optim.AdamW(params, **kwargs)
+        build = parallel.build_optimizer if parallel else torch.optim.AdamW
+        optimizers[name] = build(params, **kwargs)
         total = cfg.scheduler_steps or cfg.total_steps
         schedulers[name] = LambdaLR(optimizers[name], lr_lambda(cfg.scheduler, cfg.warmup_steps, total))
     return optimizers, schedulers
-
-
-def all_reduce_gradients(model: Atlas, world_size: int) -> None:
-    """Average gradients over ranks with one flat all-reduce per dtype (the model is not wrapped in DDP)."""
-    if world_size == 1:
-        return
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    for dtype in {g.dtype for g in grads}:
-        same = [g for g in grads if g.dtype == dtype]
-        flat = torch.cat([g.reshape(-1) for g in same])
-        dist.all_reduce_sum(flat).div_(world_size)
-        offset = 0
-        for g in same:
-            g.copy_(flat[offset : offset + g.numel()].view_as(g))
-            offset += g.numel()
 
 
 def autocast(precision: str, device: torch.device):
@@ -149,22 +144,43 @@ class Trainer:
     ) -> None:
         self.model, self.tokenizers, self.index, self.task, self.world = model, tokenizers, index, task, world
         self.settings, self.cfg = settings, settings.train
-        self.optimizers, self.schedulers = build_optimizers(model, self.cfg)
-        self.scaler = torch.amp.GradScaler(world.device.type, enabled=self.cfg.precision == "fp16")
-        self.evaluate_fn = evaluate_fn
-        self.writer = MetricWriter(self.cfg.run_dir if world.is_main else None)
         # When the passage encoder trains, the index lags behind it: keep the weights the index was embedded with,
         # so that a resumed run rebuilds the same index (not one embedded with the resumed weights).
         tracks = index is not None and self.cfg.train_retriever and not model.retriever.query_side
         self.index_weights = passage_encoder_state(model) if tracks else None
+        self.parallel = DataParallel(model, self.cfg, world.world_size)  # before the optimizers: FSDP shards in place
+        self.optimizers, self.schedulers = build_optimizers(model, self.cfg, self.parallel)
+        self.scaler = self.parallel.grad_scaler(world.device.type, enabled=self.cfg.precision == "fp16")
+        self.evaluate_fn = evaluate_fn
+        self.writer = MetricWriter(self.cfg.run_dir if world.is_main else None)
 
     def load_state(self, state: dict | None) -> None:
-        """Restore both optimizers and both schedulers, and this rank's random states, when resuming."""
-        restore_training_state(self.optimizers, self.schedulers, state)
-        if state:
-            restore_rng_state(state.get("rng_states"), self.world.rank, self.world.world_size)
-            if self.index_weights is not None and state.get("index_passage_encoder") is not None:
-                self.index_weights = state["index_passage_encoder"]
+        """Resume: both optimizers (from the step's resume state, else the optimizer states model.pth.tar kept), both
+        schedulers, the GradScaler, this rank's random states and the index's passage-encoder weights."""
+        if not state:
+            return
+        saved_ranks = len(state.get("rng_states") or []) or None
+        if saved_ranks is not None and saved_ranks != self.world.world_size:
+            logger.info("resuming on %d processes a run saved by %d", self.world.world_size, saved_ranks)
+        resume, local = read_resume_state(self.cfg.run_dir, int(state["step"]), self.world.rank, self.world.world_size)
+        if local and resume.get("layout") != self.parallel.layout:  # e.g. ZeRO-1 shards, now FSDP: not the same split
+            logger.warning("the optimizer states were saved sharded as %s, this run is %s: the optimizers start afresh",
+                           resume.get("layout"), self.parallel.layout)  # fmt: skip
+            resume, local = {"optimizers": {}}, False
+        for name, optimizer in self.optimizers.items():
+            saved = (resume or {}).get("optimizers", {}).get(name) if resume else state.get(OPTIMIZER_KEYS[name])
+            if saved is None:
+                logger.warning("step %s has no %s optimizer state: it starts afresh", state["step"], name)
+            elif local:
+                self.parallel.load_local_optimizer_state(optimizer, saved)
+            else:
+                self.parallel.load_full_optimizer_state(optimizer, saved)
+        restore_schedulers(self.optimizers, self.schedulers, state)
+        if state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        restore_rng_state(state.get("rng_states"), self.world.rank, self.world.world_size)
+        if self.index_weights is not None and state.get("index_passage_encoder") is not None:
+            self.index_weights = state["index_passage_encoder"]
 
     def retriever_frozen(self, step: int) -> bool:
         return step <= self.cfg.freeze_retriever_steps
@@ -175,25 +191,27 @@ class Trainer:
         train_retriever = atlas_cfg.train_retriever and model.retriever is not None and not self.retriever_frozen(step)
         model.train()
         totals: dict[str, float] = {}
-        for _ in range(cfg.accumulation_steps):
+        for micro in range(cfg.accumulation_steps):
             examples = next(batches)
+            self.parallel.unshard()  # FSDP: whole weights for retrieval (the forward keeps them, backward shards them)
             # options guarantee retriever_n_context >= n_context: the reader reads the first n_context
             passages, _ = passages_for(
                 model, self.tokenizers, self.index, examples, atlas_cfg.retriever_n_context, self.task.filter_by_id
             )
             batch = collate(examples, passages, self.tokenizers, atlas_cfg, retriever=train_retriever)
-            with autocast(cfg.precision, self.world.device):
-                losses = model(batch.to(self.world.device), train_retriever=train_retriever)
-            self.scaler.scale(losses["loss"] / cfg.accumulation_steps).backward()
+            # Gradients are synchronised during the last micro-batch's backward (DDP buckets / FSDP reduce-scatter).
+            with self.parallel.micro_batch(last=micro == cfg.accumulation_steps - 1):
+                with autocast(cfg.precision, self.world.device):
+                    losses = self.parallel.forward_module(batch.to(self.world.device), train_retriever=train_retriever)
+                self.scaler.scale(losses["loss"] / cfg.accumulation_steps).backward()
             for name, value in losses.items():
                 totals[name] = totals.get(name, 0.0) + value.item() / cfg.accumulation_steps  # sync: one per value
-        all_reduce_gradients(model, self.world.world_size)
         names = [n for n in self.optimizers if not (n == "retriever" and self.retriever_frozen(step))]
         norms = []
-        for name in names:  # unscale, then clip each optimizer's gradients on their own
+        for name in names:  # unscale, then clip each optimizer's gradients on their own (norm over all ranks' shards)
             self.scaler.unscale_(self.optimizers[name])
             params = [p for group in self.optimizers[name].param_groups for p in group["params"] if p.grad is not None]
-            norms.append(torch.nn.utils.clip_grad_norm_(params, cfg.clip))
+            norms.append(self.parallel.clip_grad_norm(params, cfg.clip))
         # One non-finite gradient (an fp16 overflow in either model) skips the update of both: stepping the other one
         # alone would train the reader and the retriever on different batches. One host sync per step.
         if not norms or bool(torch.isfinite(torch.stack(norms)).all()):
@@ -212,9 +230,10 @@ class Trainer:
         if self.index is None or not self.cfg.train_retriever or self.retriever_frozen(step):
             return
         if step > 0 and refresh_due(self.settings.index.refresh_schedule, step):
-            refresh_index(self.index, self.model, self.tokenizers, self.settings.index)
+            with self.parallel.gathered():
+                refresh_index(self.index, self.model, self.tokenizers, self.settings.index)
             if self.index_weights is not None:
-                self.index_weights = passage_encoder_state(self.model)
+                self.index_weights = self.parallel.full_state(self.model.retriever.passage_encoder)
 
     def train(self, batches: TrainingBatches, start_step: int) -> bool:
         """The loop: step, log, evaluate, refresh, save; ends with a checkpoint at --total_steps.
@@ -240,7 +259,9 @@ class Trainer:
                     self.save(step, batches.position)
                     return False
                 if self.evaluate_fn is not None and (step % cfg.eval_freq == 0 or step == cfg.total_steps):
-                    self.writer.scalars(self.evaluate_fn(self.model, self.index, step), step)
+                    with self.parallel.gathered():
+                        metrics = self.evaluate_fn(self.model, self.index, step)
+                    self.writer.scalars(metrics, step)
                 if step % cfg.save_freq == 0 or step == cfg.total_steps:
                     self.save(step, batches.position)
                 # No barrier: the next step's collectives (search, gradients, the stop check) keep ranks together.
@@ -250,29 +271,30 @@ class Trainer:
         return True
 
     def save(self, step: int, position: DataPosition | None = None) -> None:
-        """Checkpoint on the main rank with every rank's data position; sharded optimizer states are first gathered
-        there (collective)."""
+        """COLLECTIVE: save step N: every rank writes its resume state (optimizer shards), then the main rank writes
+        model.pth.tar (whole weights; optimizers only with --save_optimizer), moves `latest` and prunes older resume
+        states."""
+        cfg, world = self.cfg, self.world
         positions = dist.all_gather_object(dataclasses.asdict(position) if position else None)
         rng_states = dist.all_gather_object(rng_state())
-        if self.cfg.save_optimizer:
-            for optimizer in self.optimizers.values():
-                if isinstance(optimizer, ZeroRedundancyOptimizer):
-                    optimizer.consolidate_state_dict(to=0)
-        if self.world.is_main:
-            save_checkpoint(
-                self.cfg.run_dir,
-                step,
-                self.model,
-                self.optimizers,
-                self.schedulers,
-                self.cfg.save_optimizer,
-                self.settings.options,
-                extra={
-                    "data_positions": positions,
-                    "rng_states": rng_states,
-                    **({"index_passage_encoder": self.index_weights} if self.index_weights is not None else {}),
-                },
-            )
+        model_state = self.parallel.model_state()
+        full = {}  # the optimizers in model.pth.tar: only with --save_optimizer (COLLECTIVE when sharded)
+        if cfg.save_optimizer:
+            full = {name: self.parallel.full_optimizer_state(o) for name, o in self.optimizers.items()}
+        if self.parallel.shards_optimizer or world.is_main:
+            local = {name: self.parallel.local_optimizer_state(o) for name, o in self.optimizers.items()}
+            sharded = self.parallel.shards_optimizer
+            content = {"layout": self.parallel.layout, "optimizers": local}
+            write_resume_state(cfg.run_dir, step, content, world.rank, world.world_size, sharded)
+        dist.barrier()  # every rank's resume state is on disk before `latest` moves to this step
+        if world.is_main:
+            extra = {"data_positions": positions, "rng_states": rng_states, "scaler": self.scaler.state_dict()}
+            if self.index_weights is not None:
+                extra["index_passage_encoder"] = self.index_weights
+            schedulers = {name: s.state_dict() for name, s in self.schedulers.items()}
+            options = self.settings.options
+            write_checkpoint(cfg.run_dir, step, checkpoint_content(step, model_state, full, schedulers, options, extra))
+            prune_resume_states(cfg.run_dir, step)
 
     def log(self, step: int, sums: dict[str, float], n_steps: int, seconds: float) -> None:
         """Log the losses averaged over the last steps and over ranks (one small all-reduce; every rank calls it)."""

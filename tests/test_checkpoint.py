@@ -6,7 +6,14 @@ import pytest
 import torch
 
 from src.batching import collate, decode
-from src.checkpoint import read_checkpoint, resume_state, save_checkpoint
+from src.checkpoint import (
+    prune_resume_states,
+    read_checkpoint,
+    read_resume_state,
+    resume_state,
+    save_checkpoint,
+    write_resume_state,
+)
 from src.errors import UserError
 from src.model_factory import build_model
 from src.options import parse_settings
@@ -122,3 +129,21 @@ def test_resume_refuses_a_dangling_latest_and_another_task_and_cleans_killed_sav
     (directory / "latest").symlink_to("step-7")
     with pytest.raises(UserError, match=r"latest points to step-7, which does not exist"):
         resume_state(settings.run_dir, settings.options)
+
+
+def test_resume_states_are_per_rank_when_sharded_never_resplit_and_pruned(tmp_path, caplog):
+    """Sharded optimizer states: one file per rank, read back by the same rank on the same number of processes; on
+    another number they cannot be re-split (logged, the optimizers start afresh). A whole state loads anywhere."""
+    for rank in range(2):
+        content = {"layout": "zero1", "optimizers": {"reader": {"state": {0: {"step": torch.tensor(rank)}}}}}
+        write_resume_state(tmp_path, 2, content, rank, 2, sharded=True)
+    write_resume_state(tmp_path, 4, {"layout": "single", "optimizers": {}}, 0, 1, sharded=False)
+    state, local = read_resume_state(tmp_path, 2, 1, 2)
+    assert local and state["world_size"] == 2 and state["optimizers"]["reader"]["state"][0]["step"] == 1
+    with caplog.at_level(logging.WARNING):
+        assert read_resume_state(tmp_path, 2, 0, 4) == (None, False)
+    assert "sharded over 2 processes, not 4" in caplog.text
+    state, local = read_resume_state(tmp_path, 4, 3, 8)
+    assert not local and state["layout"] == "single"
+    prune_resume_states(tmp_path, 4)
+    assert not (tmp_path / "checkpoint/step-2/resume").exists() and (tmp_path / "checkpoint/step-4/resume").is_dir()

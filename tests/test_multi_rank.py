@@ -79,3 +79,65 @@ def test_sigusr1_to_one_rank_saves_the_same_step_on_both_exits_0_and_requeues_on
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"from step {step}" in resumed.stderr and f"step {step + 1}/{step + 1}" in resumed.stderr
     assert "data position for 1 processes" in resumed.stderr  # another world size: logged, data starts over
+
+
+def _weights(run_dir):
+    return torch.load(run_dir / "checkpoint/latest/model.pth.tar", weights_only=True)["model"]
+
+
+def test_sharded_training_matches_unsharded_and_resumes_exactly(demo, tmp_path):
+    """ZeRO-1 (--shard_optim) gives the unsharded run's weights bit for bit: the same AdamW arithmetic, split over
+    ranks. ZeRO-2 (FSDP) agrees to float rounding: the gradient norm for clipping is summed from each rank's shard,
+    in another order. A ZeRO-2 run stopped at step 2 (its resume state: one optimizer shard per rank) and rerun ends
+    with the weights of the uninterrupted one; older resume states are pruned."""
+    args = [*common(demo, tmp_path), "--train_retriever", "--lr_retriever", "1e-3", "--shuffle", "--save_freq", "2",
+            "--scheduler_steps", "4", "--warmup_steps", "1", "--log_freq", "1", "--max_passages", "40"]  # fmt: skip
+    layouts = {"replicated": [], "zero1": ["--shard_optim"], "zero2": ["--shard_optim", "--shard_grads"]}
+    for name, flags in layouts.items():
+        result = run([*TORCHRUN, "train.py", *args, *flags, "--name", name, "--total_steps", "4"])
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert f"data parallelism: {name} over 2 processes" in result.stderr and "loss/loss nan" not in result.stderr
+    reference = _weights(tmp_path / "replicated")
+    zero1, zero2 = _weights(tmp_path / "zero1"), _weights(tmp_path / "zero2")
+    assert list(zero1) == list(zero2) == list(reference)  # released keys, no FSDP/DDP prefixes
+    assert all(torch.equal(reference[k], zero1[k]) for k in reference)
+    for k in reference:
+        torch.testing.assert_close(zero2[k], reference[k], rtol=1e-5, atol=1e-6)
+    checkpoints = tmp_path / "zero2/checkpoint"
+    assert sorted(p.name for p in (checkpoints / "step-4/resume").iterdir()) == [
+        "optimizers.rank00000-of-00002.pt", "optimizers.rank00001-of-00002.pt"]  # fmt: skip
+    assert not (checkpoints / "step-2/resume").exists()  # pruned once step 4 was saved
+    zero2_flags = [*args, *layouts["zero2"], "--name", "zero2-stopped"]
+    for total in ("2", "4"):
+        result = run([*TORCHRUN, "train.py", *zero2_flags, "--total_steps", total])
+        assert result.returncode == 0, result.stderr[-3000:]
+    assert "from step 2" in result.stderr and "afresh" not in result.stderr
+    resumed = _weights(tmp_path / "zero2-stopped")
+    assert all(torch.equal(zero2[k], resumed[k]) for k in zero2)
+
+
+def test_an_error_on_one_rank_ends_both_promptly_with_its_message(demo, tmp_path):
+    """Rank 1 meets a malformed line mid-training (lines are read when used; rank 1 reads the even ones), while rank 0
+    waits for it in a collective: both end within seconds, with rank 1's one-line error, and rank 0 says in one line
+    that it lost its peer instead of printing a gloo traceback."""
+    train = tmp_path / "train.jsonl"
+    train.write_text((demo / "data/train.jsonl").read_text())
+    args = [*common(demo, tmp_path), "--name", "fails", "--train_data", str(train), "--total_steps", "100000",
+            "--log_freq", "1"]  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    command = [sys.executable, *TORCHRUN, "train.py", *args]
+    launcher = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log = tmp_path / "fails/run.log"
+    deadline = time.time() + 300
+    while not (log.exists() and "step 1/" in log.read_text()):
+        assert launcher.poll() is None and time.time() < deadline, "training did not start"
+        time.sleep(0.2)
+    lines = train.read_text().splitlines(keepends=True)  # same length per line: the byte offsets stay valid
+    train.write_text("".join("[" + line[1:] if i % 2 else line for i, line in enumerate(lines)))
+    started = time.time()
+    _, stderr = launcher.communicate(timeout=120)
+    assert time.time() - started < 60 and launcher.returncode != 0
+    assert f"error: {train}:" in stderr and "not valid JSON" in stderr
+    # rank 0 says so in one line, unless torchrun's SIGTERM ends it first
+    assert "error: rank 0: another process ended during a collective" in stderr or "(SIGTERM)" in stderr
+    assert "[rank0]: Traceback" not in stderr
