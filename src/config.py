@@ -81,6 +81,7 @@ class IndexConfig:
     retriever_format: str = "{title} {text}"
     text_maxlength: int = 200
     refresh_schedule: tuple[tuple[int, int, int], ...] = ()  # (start, end, rate) items of --refresh_index
+    precision: str = "fp32"  # --precision: embedding (index build, refresh, queries, rerank) autocasts on CUDA
 
 
 @dataclass(frozen=True)
@@ -123,6 +124,7 @@ class EvalConfig:
     retrieve_only: bool = False
     write_results: bool = False
     dont_write_passages: bool = False
+    precision: str = "fp32"  # --precision: evaluation and generation autocast on CUDA
 
 
 @dataclass(frozen=True)

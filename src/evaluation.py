@@ -5,6 +5,7 @@ import json
 import logging
 import os
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -16,6 +17,7 @@ from src.config import EvalConfig
 from src.data import RawInstance, eval_batches, load_instances
 from src.index import DistributedIndex
 from src.metrics import answer_in_text
+from src.precision import inference_autocast
 from src.retrieval import passages_for
 from src.tasks import Example, Task
 
@@ -68,8 +70,12 @@ class Evaluator:
         results = {}
         evaluate = self.evaluate_retrieval if self.cfg.retrieve_only else self.evaluate_file
         for path, instances in self.data:
+            tic = time.perf_counter()
             scores, _ = evaluate(model, index, path, instances, step)
+            seconds = time.perf_counter() - tic
             logger.info("%s step %d | %s", path, step, " | ".join(f"{k} {v:.2f}" for k, v in scores.items()))
+            n = dist.all_reduce_sum(torch.tensor([len(instances)], dtype=torch.float64)).item()  # all ranks' questions
+            logger.info("%s: %d questions in %.1f s (%.1f questions/s)", path, n, seconds, n / max(seconds, 1e-9))
             results.update({f"{self.names[path]}/{k}": v for k, v in scores.items()})
         return results
 
@@ -84,11 +90,13 @@ class Evaluator:
             if not examples:
                 continue
             batch = collate(examples, passages, self.tokenizers, model.config).to(model.device)
-            losses, choice_logits = model.eval_outputs(batch)
+            with inference_autocast(cfg.precision, model.device):
+                losses, choice_logits = model.eval_outputs(batch)
+                generated = model.generate(batch)
             if "eval_loss" in task.metrics:  # per example, so that it does not depend on how batches fall on ranks
                 for value in losses.tolist():
                     add(sums, counts, "eval_loss", value)
-            generations = decode(self.tokenizers, model.generate(batch), batch.decoder_prompts)
+            generations = decode(self.tokenizers, generated, batch.decoder_prompts)
             for b, (ex, ps, generation) in enumerate(zip(examples, passages, generations)):
                 if ex.answers:  # rows without gold answers (a hidden test set) are written, not scored
                     for name, value in task.evaluate(generation, ex.answers).items():

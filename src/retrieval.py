@@ -9,6 +9,7 @@ import torch
 from src.atlas import Atlas
 from src.batching import Tokenizers, retriever_passage_tokens, retriever_tokens
 from src.index import DistributedIndex
+from src.precision import inference_autocast
 from src.tasks import Example
 
 logger = logging.getLogger(__name__)
@@ -53,16 +54,19 @@ def retrieve(
     COLLECTIVE: every rank calls it equally often, with an empty list when it has no example left. With
     `filter_by_id` (tasks whose data is the corpus itself), over-retrieve and drop the instance's own passage.
     With --retrieve_with_rerank, retrieve n_to_rerank and keep the k best under the current passage encoder.
+    Queries and reranked passages are embedded under --precision (autocast on CUDA; fp32 on CPU).
     """
     cfg = model.config
-    query_emb = embed_queries(model, tokenizers, [ex.query for ex in examples])  # (B, D)
+    with inference_autocast(index.cfg.precision, model.device):  # --precision, as the index build
+        query_emb = embed_queries(model, tokenizers, [ex.query for ex in examples])  # (B, D)
     n = k * cfg.filtering_overretrieve_ratio if filter_by_id else k
     if cfg.retrieve_with_rerank:
         n = max(n, cfg.n_to_rerank_with_retrieve_with_rerank)
     scores, rows = index.search(query_emb, n)  # (B, n), (B, n)
     passages = index.passages(rows)
     if cfg.retrieve_with_rerank and examples:
-        scores = model.rescore(query_emb, *retriever_passage_tokens(tokenizers, passages, cfg))  # (B, n), fresh
+        with inference_autocast(index.cfg.precision, model.device):
+            scores = model.rescore(query_emb, *retriever_passage_tokens(tokenizers, passages, cfg))  # (B, n), fresh
         order = scores.argsort(dim=1, descending=True, stable=True)  # (B, n)
         scores = scores.gather(1, order)
         passages = [[ps[j] for j in row] for ps, row in zip(passages, order.tolist())]

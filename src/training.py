@@ -1,6 +1,5 @@
 """Optimisers, learning-rate schedules, gradient synchronisation and the training loop."""
 
-import contextlib
 import dataclasses
 import logging
 import math
@@ -34,6 +33,7 @@ from src.data import DataPosition, TrainingBatches
 from src.index import DistributedIndex
 from src.index.refresh import passage_encoder_state, refresh_due, refresh_index
 from src.logs import MetricWriter
+from src.precision import autocast
 from src.retrieval import passages_for
 from src.sharding import DataParallel
 from src.tasks import Example, Task
@@ -86,13 +86,6 @@ def build_optimizers(model: Atlas, cfg: TrainConfig, parallel: DataParallel | No
         total = cfg.scheduler_steps or cfg.total_steps
         schedulers[name] = LambdaLR(optimizers[name], lr_lambda(cfg.scheduler, cfg.warmup_steps, total))
     return optimizers, schedulers
-
-
-def autocast(precision: str, device: torch.device):
-    """bf16/fp16 autocast for the forward pass (fp32 master weights stay in the optimiser), or nothing for fp32."""
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
 
 
 class StopRequest:

@@ -1,8 +1,10 @@
 """Run under torchrun by tests/test_distributed_index.py: sharded search and save/load across world sizes on gloo.
 
-Usage: torchrun --standalone --nproc_per_node=W tests/dist_index_worker.py {build,load} WORKDIR
+Usage: torchrun --standalone --nproc_per_node=W tests/dist_index_worker.py {build,load,embed} WORKDIR
   build: build the store (rank 0) and index, check searches against brute force, save to WORKDIR/saved_w{W}.
   load:  load WORKDIR/saved_w2 under this world size, check searches, save again to WORKDIR/saved_w{W}.
+  embed: embed the passages with a tiny seeded BERT and WORKDIR/tokenizer (batching blocks of 16 rows, so rank
+         edges fall inside blocks) and save the index to WORKDIR/embedded_w{W}.
 Any failed check raises, so torchrun exits non-zero.
 """
 
@@ -18,7 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from src.config import IndexConfig  # noqa: E402
 from src.distributed import barrier, destroy_distributed, init_distributed  # noqa: E402
-from src.index import DistributedIndex, load_index, save_index  # noqa: E402
+from src.index import DistributedIndex, embed, embed_passages, load_index, save_index  # noqa: E402
 from src.passages import PassageStore  # noqa: E402
 
 N_PASSAGES, DIM = 103, 8
@@ -56,6 +58,26 @@ def check_searches(index: DistributedIndex, embeddings: np.ndarray, rank: int, w
     np.testing.assert_array_equal(rows.numpy(), brute_force(embeddings, only_last, 3)[1])
 
 
+def embed_with_tiny_bert(workdir: str, world) -> None:
+    """Embed the store with the same seeded tiny encoder and tokenizer on every rank and save the index."""
+    from test_index import MeanPooled
+    from transformers import PreTrainedTokenizerFast
+
+    from src.passages import passage_title
+
+    def fmt(passage: dict) -> str:
+        return f"{passage_title(passage)} {passage['text']}"
+
+    store = PassageStore.build_or_open([os.path.join(workdir, "p.jsonl")], os.path.join(workdir, "store"), -1, world)
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(os.path.join(workdir, "tokenizer"))  # trained by the test
+    torch.manual_seed(0)
+    encoder = MeanPooled(len(tokenizer))
+    embed.BLOCK_ROWS = 16
+    index = DistributedIndex(store, 32, world)
+    embed_passages(index, encoder, tokenizer, fmt, 5, max_length=64)
+    save_index(index, os.path.join(workdir, f"embedded_w{world.world_size}"), n_shards=3)
+
+
 def main() -> None:
     phase, workdir = sys.argv[1], sys.argv[2]
     logging.basicConfig(level=logging.WARNING)
@@ -75,6 +97,8 @@ def main() -> None:
                     torch.from_numpy(data["float"][index.local_rows.start : index.local_rows.stop])
                 )
                 check_searches(exact_faiss, data["float"], world.rank, world.world_size)
+        elif phase == "embed":
+            embed_with_tiny_bert(workdir, world)
         else:
             index = load_index(os.path.join(workdir, "saved_w2"), world)
             check_searches(index, data["float"], world.rank, world.world_size)

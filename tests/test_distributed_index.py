@@ -20,6 +20,7 @@ from src.index import load_index
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import dist_index_worker as worker  # noqa: E402
+from test_index import tiny_tokenizer  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.distributed
@@ -50,6 +51,23 @@ def test_sharded_search_and_reshard(tmp_path):
         np.testing.assert_array_equal(rows.numpy(), ref_rows)
         np.testing.assert_allclose(scores.numpy(), ref_scores, atol=1e-5, rtol=1e-5)
         assert index.passages(rows[:1])[0][0]["id"] == str(ref_rows[0, 0])
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed (torchrun) is not available")
+def test_index_built_on_two_ranks_has_the_bits_of_one_built_on_one(tmp_path):
+    with open(tmp_path / "p.jsonl", "w") as handle:
+        for i in range(worker.N_PASSAGES):
+            words = " ".join(f"w{(i * j) % 11}" for j in range(i % 9))  # lengths vary, so batches are sorted
+            handle.write(json.dumps({"id": str(i), "title": "t", "text": f"passage {i} {words}"}) + "\n")
+    # Trained once here: WordPiece training numbers its vocabulary differently in different processes.
+    texts = [json.loads(line)["text"] for line in open(tmp_path / "p.jsonl")]
+    tiny_tokenizer(["t " + text for text in texts]).save_pretrained(str(tmp_path / "tokenizer"))
+    torchrun(1, "embed", str(tmp_path))
+    torchrun(2, "embed", str(tmp_path))
+    one = World(0, 0, 1, torch.device("cpu"))
+    built_on_1 = load_index(str(tmp_path / "embedded_w1"), one).local_embeddings
+    built_on_2 = load_index(str(tmp_path / "embedded_w2"), one).local_embeddings
+    assert built_on_1.shape == (worker.N_PASSAGES, 32) and torch.equal(built_on_1, built_on_2)
 
 
 def test_single_process_helpers_are_identities(monkeypatch):

@@ -12,7 +12,6 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
 import torch
 
 from src import distributed as dist
@@ -74,6 +73,8 @@ class DistributedIndex:
         self.retriever_layernorm: str | None = None
         self._embeddings: torch.Tensor | None = None  # (N_local, d), flat mode only
         self._faiss = None  # faiss index over local rows (local id i = local_rows[i]), faiss mode only
+        # CUDA device faiss builds and searches on (faiss with GPU support and a CUDA shard), else None: CPU faiss
+        self._faiss_gpu = faiss_index.gpu_device_index(self.device) if cfg.mode == "faiss" else None
         self._ready = False
 
     @property
@@ -105,8 +106,9 @@ class DistributedIndex:
 
     @property
     def local_faiss(self) -> Any:
-        """This rank's faiss index in faiss mode (None when the rank holds no rows or in flat mode)."""
-        return self._faiss
+        """This rank's faiss index in faiss mode (None when the rank holds no rows or in flat mode); a CPU copy when
+        it lives on a GPU (what a save writes)."""
+        return None if self._faiss is None else faiss_index.to_cpu(self._faiss)
 
     def set_faiss(self, faiss_object: Any) -> None:
         """Use a ready faiss index (e.g. a loaded one) over this rank's rows, in local order."""
@@ -119,6 +121,8 @@ class DistributedIndex:
                     f"{len(self.local_rows)} x {self.dim} rows"
                 )
             faiss_index.set_nprobe(faiss_object, self.cfg.faiss_nprobe)
+            if self._faiss_gpu is not None and not faiss_index.is_gpu_index(faiss_object):
+                faiss_object = faiss_index.to_gpu(faiss_object, self._faiss_gpu)
         self._faiss, self._embeddings, self._ready = faiss_object, None, True
 
     def set_embeddings(self, embeddings: torch.Tensor) -> None:
@@ -129,12 +133,15 @@ class DistributedIndex:
         if self.mode == "flat":
             self._embeddings = embeddings.detach().to(device=self.device, dtype=self.dtype).contiguous()
         else:
-            self._embeddings = None
-            vectors = embeddings.detach().float().cpu().numpy()  # (N_local, d) float32 for faiss
-            self._faiss = None
+            self._embeddings, self._faiss = None, None
+            vectors = embeddings.detach().float()  # (N_local, d) float32; stays on the GPU for GPU faiss
             if len(vectors) > 0:
                 self._faiss = faiss_index.build_index(
-                    vectors, self.cfg.faiss_index_type, self.cfg.faiss_code_size, self.cfg.faiss_nprobe
+                    vectors if self._faiss_gpu is not None else vectors.cpu().numpy(),
+                    self.cfg.faiss_index_type,
+                    self.cfg.faiss_code_size,
+                    self.cfg.faiss_nprobe,
+                    gpu=self._faiss_gpu,
                 )
         self._ready = True
 
@@ -181,13 +188,17 @@ class DistributedIndex:
             scores = torch.full((n_queries, k), float("-inf"), device=self.device)
             return scores, torch.full((n_queries, k), PAD_ROW, dtype=torch.int64, device=self.device)
         found_k = min(k, len(self.local_rows))
-        scores_np, ids_np = faiss_index.search(self._faiss, queries.float().cpu().numpy(), found_k)  # (B, k')
-        rows_np = np.where(ids_np >= 0, ids_np + start, PAD_ROW)
+        if faiss_index.is_gpu_index(self._faiss):  # queries and results stay on the device
+            scores, ids = faiss_index.search_torch(self._faiss, queries, found_k)  # (B, k')
+        else:
+            scores_np, ids_np = faiss_index.search(self._faiss, queries.float().cpu().numpy(), found_k)  # (B, k')
+            scores, ids = torch.from_numpy(scores_np), torch.from_numpy(ids_np)
+        scores, ids = scores.to(self.device), ids.to(self.device)
+        rows = torch.where(ids >= 0, ids + start, PAD_ROW)  # (B, k')
         if found_k < k:
-            scores_np = np.pad(scores_np, ((0, 0), (0, k - found_k)), constant_values=-np.inf)
-            rows_np = np.pad(rows_np, ((0, 0), (0, k - found_k)), constant_values=PAD_ROW)
-        scores = torch.from_numpy(scores_np).to(self.device)  # (B, k)
-        rows = torch.from_numpy(rows_np).to(self.device)  # (B, k)
+            fill = (scores.shape[0], k - found_k)
+            scores = torch.cat([scores, torch.full(fill, float("-inf"), device=scores.device)], dim=1)  # (B, k)
+            rows = torch.cat([rows, torch.full(fill, PAD_ROW, dtype=torch.int64, device=rows.device)], dim=1)  # (B, k)
         return sort_topk(scores, rows, k)  # faiss's order among equal scores is unspecified
 
     def passages(self, rows: torch.Tensor) -> list[list[dict]]:

@@ -1,6 +1,7 @@
 """faiss indexes for one shard (``--index_mode faiss``); faiss is imported only when this mode is used.
 
-Types (``--faiss_index_type``), all with inner-product metric, built on CPU (faiss-cpu):
+Types (``--faiss_index_type``), all with inner-product metric, built on CPU (faiss-cpu), or on the GPU when the
+shard lives on CUDA and faiss has GPU support (``faiss.StandardGpuResources``; see `gpu_device_index`):
 
 | type | faiss class | code size (``--faiss_code_size``) |
 |---|---|---|
@@ -15,15 +16,21 @@ IVF types use ``nlist = floor(sqrt(N_local))`` lists, trained on every local vec
 ``nprobe`` lists: ``--faiss_nprobe`` if given (clamped to nlist), else ``max(1, nlist // 8)``. The original Atlas
 probed every list (nprobe = nlist), which made IVF as slow as a flat scan; pass ``--faiss_nprobe`` equal to nlist
 for that behaviour. PQ codebooks use 8 bits, or fewer (with a warning) when a shard holds under 256 vectors.
+
+On the GPU (flat, ivfflat, ivfsq, ivfpq: the types faiss can move there; sq and pq stay on the CPU with a warning),
+the index is trained, filled and searched with torch CUDA tensors through ``faiss.contrib.torch_utils``, so queries
+and results never leave the device. Saving writes a CPU copy (`to_cpu`).
 """
 
 from __future__ import annotations
 
+import importlib
 import logging
 import math
 from typing import Any
 
 import numpy as np
+import torch
 
 from src.errors import UserError
 
@@ -31,6 +38,7 @@ logger = logging.getLogger(__name__)
 
 INDEX_TYPES = ("flat", "ivfflat", "ivfsq", "sq", "pq", "ivfpq")
 _SQ_BITS = {4: "QT_4bit", 6: "QT_6bit", 8: "QT_8bit", 16: "QT_fp16"}
+_GPU_RESOURCES: dict[int, Any] = {}  # one StandardGpuResources per CUDA device, kept alive with the indexes using it
 
 
 def import_faiss() -> Any:
@@ -63,8 +71,52 @@ def _pq_bits(n_vectors: int) -> int:
     return bits
 
 
-def build_index(vectors: np.ndarray, index_type: str, code_size: int | None, nprobe: int | None) -> Any:
-    """Train a faiss index of ``index_type`` on ``vectors`` (n, d) float32 and add them (row i gets id i)."""
+def gpu_device_index(device: torch.device) -> int | None:
+    """The CUDA device number faiss should build on for a shard on ``device``; None for CPU faiss (a CPU shard, or
+    faiss without GPU support)."""
+    if device.type != "cuda":
+        return None
+    faiss = import_faiss()
+    if not hasattr(faiss, "StandardGpuResources") or faiss.get_num_gpus() < 1:
+        return None
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
+def is_gpu_index(index: Any) -> bool:
+    """True for a faiss GPU index (they alone have ``getDevice``)."""
+    return hasattr(index, "getDevice")
+
+
+def to_gpu(index: Any, gpu: int) -> Any:
+    """``index`` moved to CUDA device ``gpu``, or left on the CPU (with a warning) for types faiss cannot move."""
+    faiss = import_faiss()
+    importlib.import_module("faiss.contrib.torch_utils")  # lets GPU indexes take and return torch CUDA tensors
+    if gpu not in _GPU_RESOURCES:
+        _GPU_RESOURCES[gpu] = faiss.StandardGpuResources()
+    try:
+        return faiss.index_cpu_to_gpu(_GPU_RESOURCES[gpu], gpu, index)
+    except (RuntimeError, AttributeError) as error:  # e.g. IndexPQ, IndexScalarQuantizer: no GPU version
+        logger.warning("faiss cannot put a %s on the GPU (%s): it stays on the CPU", type(index).__name__, error)
+        return index
+
+
+def to_cpu(index: Any) -> Any:
+    """A CPU copy of a GPU index (what gets saved); a CPU index as it is."""
+    return import_faiss().index_gpu_to_cpu(index) if is_gpu_index(index) else index
+
+
+def build_index(
+    vectors: np.ndarray | torch.Tensor,
+    index_type: str,
+    code_size: int | None,
+    nprobe: int | None,
+    gpu: int | None = None,
+) -> Any:
+    """Train a faiss index of ``index_type`` on ``vectors`` (n, d) float32 and add them (row i gets id i).
+
+    With ``gpu`` (a CUDA device number), the index is moved there before training when faiss can, and trained and
+    filled from ``vectors`` as a torch tensor (pass it on that device); otherwise from a numpy array.
+    """
     faiss = import_faiss()
     n, dim = vectors.shape
     validate_options(index_type, code_size, dim)
@@ -88,9 +140,16 @@ def build_index(vectors: np.ndarray, index_type: str, code_size: int | None, npr
             index = faiss.IndexIVFScalarQuantizer(quantizer, dim, nlist, sq_type, metric)
         else:
             index = faiss.IndexIVFPQ(quantizer, dim, nlist, code_size, _pq_bits(n), metric)
+    if gpu is not None:
+        index = to_gpu(index, gpu)
+    if is_gpu_index(index):
+        data = torch.as_tensor(vectors, dtype=torch.float32).contiguous()  # on the caller's (CUDA) device
+    else:
+        data = vectors.cpu().numpy() if isinstance(vectors, torch.Tensor) else vectors
+        data = np.ascontiguousarray(data, dtype=np.float32)
     if not index.is_trained:
-        index.train(vectors)
-    index.add(vectors)
+        index.train(data)
+    index.add(data)
     set_nprobe(index, nprobe)
     return index
 
@@ -111,3 +170,11 @@ def search(index: Any, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndar
     scores, ids = index.search(np.ascontiguousarray(queries, dtype=np.float32), k)  # (B, k), (B, k)
     scores[ids < 0] = -np.inf
     return scores, ids
+
+
+def search_torch(index: Any, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`search` for a GPU index on (B, d) float32 torch ``queries`` on its device: (B, k) float32 scores and int64
+    local ids (-1 where missing; score -inf there), on the queries' device. Nothing is copied to the host."""
+    importlib.import_module("faiss.contrib.torch_utils")  # index.search then takes and returns torch tensors
+    scores, ids = index.search(queries.float().contiguous(), k)  # (B, k), (B, k)
+    return torch.where(ids < 0, float("-inf"), scores), ids.long()

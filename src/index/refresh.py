@@ -92,6 +92,7 @@ def refresh_index(
             lambda passage: format_passage(cfg.retriever_format, passage),
             cfg.embedder_batch_size,
             min(cfg.text_maxlength, 512),
+            cfg.precision,
         )
     finally:
         if current is not None:

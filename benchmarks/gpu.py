@@ -1,0 +1,333 @@
+"""GPU figures of issue 12: each beside its reference and the limit measured in the same run, MET or MISSED.
+
+    python benchmarks/gpu.py [--bench_dir ../shared/bench] [--only limits search embed]
+    python benchmarks/gpu.py --cpu-smoke      # tiny sizes on CPU: checks that the script runs (not a measurement)
+
+Needs nothing from a hub: random-init models of the released shapes built from configs (BERT-base for the retriever),
+the bench tokenizer and corpus from ``--bench_dir`` (``tokenizers/bert-base-uncased/``, ``corpus.jsonl``; copy
+them next to the checkout on a machine without ``../shared``). Sections, in order:
+
+- ``limits``: HBM copy bandwidth (a device-to-device copy, read + write counted) and fp16/bf16 matmul peak (8192^3
+  after warm-up); every roofline below uses them.
+- ``search``: exact top-100 over 10M x 768 fp16 for B = 1, 64, 1024: ours (`src.index.flat.exact_topk`, the CUDA path)
+  against naive ``torch.topk(q @ E.T)``; goal >= 70% of the HBM read roofline at B <= 64, >= 50% of the fp16 matmul
+  peak at B = 1024. Also checks that the scan ran with no host synchronisation (``torch.cuda.set_sync_debug_mode``)
+  and that its top-k scores equal naive's.
+- ``embed``: index build (`src.index.embed_passages`, tokenising included) with BERT-base under bf16 autocast on the
+  bench passages (replicated), against the fp32 build (what ``--precision`` did not reach before) and tokenising
+  alone; limit = bf16 peak / FLOPs per passage; goal >= 15,000 passages/s.
+
+Adding a section (issue 12 item 3, FiD step MFU; item 5, evaluation throughput and memory): write
+``def section_x(ctx: Context) -> list[Figure]`` (``ctx.limits`` holds the measured peaks, ``ctx.sizes`` the sizes of
+this mode) and register it in SECTIONS; PLANNED lists what is still to be written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from src.distributed import World  # noqa: E402
+from src.index import DistributedIndex, embed_passages, flat  # noqa: E402
+from src.index.embed import token_id_fn  # noqa: E402
+from src.passages import PassageStore, format_passage  # noqa: E402
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+FORMAT = "{title} {text}"
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """The sizes one mode runs at (the GPU goals, or the CPU smoke run)."""
+
+    search_rows: int = 10_000_000
+    dim: int = 768
+    k: int = 100
+    batches: tuple[int, ...] = (1, 64, 1024)
+    matmul_n: int = 8192
+    copy_bytes: int = 4 * 1024**3
+    repeats: int = 5
+    embed_passages: int = 50_000
+    embed_reference_passages: int = 4096
+    embed_batch: int = 512
+    embed_maxlength: int = 512
+    bert: dict = field(default_factory=dict)  # BertConfig overrides; {} = BERT-base
+
+
+GPU_SIZES = Sizes()
+SMOKE_SIZES = Sizes(
+    search_rows=20_000,
+    dim=32,
+    k=10,
+    batches=(1, 4, 16),
+    matmul_n=256,
+    copy_bytes=16 * 1024**2,
+    repeats=2,
+    embed_passages=48,
+    embed_reference_passages=16,
+    embed_batch=16,
+    embed_maxlength=64,
+    bert={"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64},
+)
+
+
+@dataclass
+class Context:
+    device: torch.device
+    sizes: Sizes
+    bench_dir: Path
+    smoke: bool
+    limits: dict[str, float] = field(default_factory=dict)  # "copy_bw" B/s, "fp16_peak"/"bf16_peak" FLOP/s
+
+
+@dataclass
+class Figure:
+    """One printed line: a measured value beside its reference, its limit and the goal."""
+
+    name: str
+    value: str
+    reference: str = "-"
+    limit: str = "-"
+    goal: str = "-"
+    met: bool | None = None  # None: no goal
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def best_seconds(fn: Callable[[], object], device: torch.device, repeats: int, warmup: int = 1) -> float:
+    """Best wall time of ``repeats`` calls after ``warmup`` calls, the device synchronised around each."""
+    for _ in range(warmup):
+        fn()
+    best = float("inf")
+    for _ in range(repeats):
+        synchronize(device)
+        start = time.perf_counter()
+        fn()
+        synchronize(device)
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def section_limits(ctx: Context) -> list[Figure]:
+    """Copy bandwidth and matmul peaks of this device, measured now."""
+    device, sizes = ctx.device, ctx.sizes
+    source = torch.empty(sizes.copy_bytes // 2, dtype=torch.float16, device=device).fill_(1.0)
+    target = torch.empty_like(source)
+    seconds = best_seconds(lambda s=source, t=target: t.copy_(s), device, sizes.repeats)
+    ctx.limits["copy_bw"] = 2 * sizes.copy_bytes / seconds  # read + write
+    del source, target
+    figures = [Figure("copy bandwidth (read + write)", f"{ctx.limits['copy_bw'] / 1e12:.2f} TB/s")]
+    n = sizes.matmul_n
+    for name, dtype in (("fp16", torch.float16), ("bf16", torch.bfloat16)):
+        if device.type == "cpu" and dtype != torch.float32:
+            dtype = torch.float32  # CPU smoke: reduced-precision matmul is emulated there
+        a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+        seconds = best_seconds(lambda a=a, b=b: a @ b, device, sizes.repeats, warmup=3)
+        ctx.limits[f"{name}_peak"] = 2 * n**3 / seconds
+        figures.append(Figure(f"{name} matmul peak ({n}^3)", f"{ctx.limits[f'{name}_peak'] / 1e12:.1f} TFLOP/s"))
+    return figures
+
+
+def _search_checks(ctx: Context, embeddings: torch.Tensor, queries: torch.Tensor) -> list[Figure]:
+    """No host synchronisation inside the device scan, and its top-k scores equal naive torch's."""
+    k = ctx.sizes.k
+    if ctx.device.type == "cuda":
+        torch.cuda.synchronize(ctx.device)
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            flat.exact_topk_device(embeddings, queries, k, 0)
+            no_sync, detail = True, "ran under set_sync_debug_mode('error')"
+        except RuntimeError as error:
+            no_sync, detail = False, str(error).splitlines()[0][:80]
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        checks = [Figure("search: no host sync in the scan", str(no_sync), detail, goal="no sync", met=no_sync)]
+    else:
+        checks = []
+    ours = flat.exact_topk_device(embeddings, queries, k, 0)[0]  # (B, k) float32
+    naive = torch.topk(queries.to(embeddings.dtype) @ embeddings.T, k, dim=1).values.float()  # (B, k)
+    same = bool(torch.equal(ours, naive))  # the top-k values are unique whatever the tie order
+    checks.append(Figure("search: top-k scores equal naive's", str(same), goal="equal", met=same))
+    return checks
+
+
+def section_search(ctx: Context) -> list[Figure]:
+    """Exact search over search_rows x dim at each batch size, ours vs naive, against the roofline."""
+    device, sizes = ctx.device, ctx.sizes
+    dtype = torch.float16 if device.type == "cuda" else torch.float32  # as DistributedIndex stores it
+    generator = torch.Generator(device=device).manual_seed(0)
+    embeddings = torch.randn(sizes.search_rows, sizes.dim, device=device, dtype=dtype, generator=generator)
+    # The CPU smoke run exercises the device scan itself; on CUDA exact_topk takes it (plus its NaN check).
+    ours_fn = flat.exact_topk if device.type == "cuda" else flat.exact_topk_device
+    figures = _search_checks(ctx, embeddings, torch.randn(8, sizes.dim, device=device, generator=generator))
+    bytes_read = embeddings.numel() * embeddings.element_size()
+    peak = ctx.limits["fp16_peak"]
+    for batch in sizes.batches:
+        queries = torch.randn(batch, sizes.dim, device=device, dtype=dtype, generator=generator)
+        t_ours = best_seconds(lambda q=queries: ours_fn(embeddings, q, sizes.k, 0), device, sizes.repeats)
+        t_naive = best_seconds(lambda q=queries: torch.topk(q @ embeddings.T, sizes.k, dim=1), device, sizes.repeats)
+        flops = 2 * sizes.search_rows * sizes.dim * batch
+        t_read, t_math = bytes_read / ctx.limits["copy_bw"], flops / peak
+        if batch <= 64:
+            share, goal, target = t_read / t_ours, ">= 70% of HBM read roofline", 0.7
+        else:
+            share, goal, target = flops / t_ours / peak, ">= 50% of fp16 matmul peak", 0.5
+        figures.append(
+            Figure(
+                f"search {sizes.search_rows:,} x {sizes.dim} k={sizes.k}, B={batch}",
+                f"{t_ours * 1e3:.2f} ms ({100 * share:.0f}%)",
+                f"naive topk(q @ E.T) {t_naive * 1e3:.2f} ms",
+                f"{max(t_read, t_math) * 1e3:.2f} ms (read {bytes_read / 1e9:.1f} GB; {flops / 1e12:.2f} TFLOP)",
+                goal,
+                share >= target,
+            )
+        )
+    return figures
+
+
+def _replicated_store(ctx: Context, directory: str, n: int) -> PassageStore:
+    """A store of the first ``n`` bench passages, the corpus repeated (ids made unique) when n exceeds it."""
+    passages = [json.loads(line) for line in open(ctx.bench_dir / "corpus.jsonl")]
+    path = Path(directory) / "corpus.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as handle:
+        for i in range(n):
+            passage = dict(passages[i % len(passages)], id=f"{i}")
+            handle.write(json.dumps(passage) + "\n")
+    return PassageStore.build([str(path)], f"{directory}/store", max_passages=n)
+
+
+def _passage_flops(config, tokens: float) -> float:
+    """Forward FLOPs of a BERT encoder over one passage of ``tokens`` tokens (matmuls only; pooling ignored)."""
+    d, layers, ff = config.hidden_size, config.num_hidden_layers, config.intermediate_size
+    return layers * (2 * tokens * (4 * d * d + 2 * d * ff) + 4 * tokens * tokens * d)
+
+
+def section_embed(ctx: Context) -> list[Figure]:
+    """Index build passages/s with BERT-base under bf16 autocast, tokenising included; references fp32 and the
+    tokenizer alone."""
+    from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
+
+    from src.retriever import PassageEmbedder, Retriever
+
+    device, sizes = ctx.device, ctx.sizes
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(str(ctx.bench_dir / "tokenizers" / "bert-base-uncased"))
+    config = BertConfig(**sizes.bert)
+    torch.manual_seed(0)
+    embedder = PassageEmbedder(Retriever(BertModel(config, add_pooling_layer=False).to(device)))
+    world = World(0, 0, 1, device)
+
+    def build(store: PassageStore, precision: str) -> float:
+        index = DistributedIndex(store, config.hidden_size, world)
+        fmt = lambda p: format_passage(FORMAT, p)  # noqa: E731
+        embed_passages(index, embedder, tokenizer, fmt, sizes.embed_batch, sizes.embed_maxlength, precision)
+        synchronize(device)
+        return len(store) / best_seconds(
+            lambda: embed_passages(
+                index, embedder, tokenizer, fmt, sizes.embed_batch, sizes.embed_maxlength, precision
+            ),
+            device,
+            1,
+            warmup=0,
+        )
+
+    with tempfile.TemporaryDirectory(prefix="bench_gpu_") as tmp:
+        store = _replicated_store(ctx, tmp, sizes.embed_passages)
+        small = _replicated_store(ctx, f"{tmp}/small", sizes.embed_reference_passages)
+        texts = [format_passage(FORMAT, p) for p in store.get_many(range(len(store)))]
+        started = time.perf_counter()
+        ids = token_id_fn(tokenizer, sizes.embed_maxlength)(texts)  # what the build's tokenising thread runs
+        tokenise_rate = len(texts) / (time.perf_counter() - started)
+        mean_tokens = sum(len(x) for x in ids) / len(ids)
+        ours = build(store, "bf16" if device.type == "cuda" else "fp32")
+        fp32 = build(small, "fp32")
+    limit = ctx.limits["bf16_peak"] / _passage_flops(config, mean_tokens)
+    return [
+        Figure(
+            f"index build, BERT {config.hidden_size}x{config.num_hidden_layers}, {len(texts):,} passages "
+            f"(mean {mean_tokens:.0f} tokens, max {sizes.embed_maxlength}), batch {sizes.embed_batch}, bf16",
+            f"{ours:,.0f} passages/s",
+            f"fp32 build {fp32:,.0f} p/s; tokenising alone (1 thread) {tokenise_rate:,.0f} p/s",
+            f"{limit:,.0f} p/s ({_passage_flops(config, mean_tokens) / 1e9:.1f} GFLOP/passage at bf16 peak)",
+            ">= 15,000 passages/s",
+            ours >= 15_000,
+        )
+    ]
+
+
+SECTIONS: dict[str, Callable[[Context], list[Figure]]] = {
+    "limits": section_limits,
+    "search": section_search,
+    "embed": section_embed,
+}
+# Still to be written (hooks: add a section function and register it above).
+PLANNED = {"fid_step": "issue 12 item 3: FiD training step MFU", "eval": "issue 12 item 5: evaluation questions/s"}
+
+
+def print_figures(figures: list[Figure], smoke: bool) -> None:
+    headers = ["figure", "value", "reference (same run)", "limit (same run)", "goal", "result"]
+    rows = [headers]
+    for f in figures:
+        result = "-" if f.met is None else ("MET" if f.met else "MISSED")
+        rows.append(
+            [
+                f.name,
+                f.value,
+                f.reference,
+                f.limit,
+                f.goal,
+                result + (" (smoke)" if smoke and f.met is not None else ""),
+            ]
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(headers))]
+    for i, row in enumerate(rows):
+        print("| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |")
+        if i == 0:
+            print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+
+
+def main(argv: list[str] | None = None) -> list[Figure]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--bench_dir", default=str(REPO_ROOT.parent / "shared" / "bench"))
+    parser.add_argument("--only", nargs="+", choices=list(SECTIONS), default=list(SECTIONS))
+    parser.add_argument("--cpu-smoke", dest="cpu_smoke", action="store_true", help="tiny sizes on CPU")
+    args = parser.parse_args(argv)
+    if args.cpu_smoke:
+        device, sizes = torch.device("cpu"), SMOKE_SIZES
+    elif torch.cuda.is_available():
+        device, sizes = torch.device("cuda", torch.cuda.current_device()), GPU_SIZES
+    else:
+        raise SystemExit("no CUDA device: run on a GPU, or pass --cpu-smoke")
+    ctx = Context(device, sizes, Path(args.bench_dir), args.cpu_smoke)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (smoke run: not a measurement)"
+    print(f"{name}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}", flush=True)
+    started = time.perf_counter()
+    figures: list[Figure] = []
+    sections = ["limits"] + [s for s in args.only if s != "limits"]  # every roofline needs the limits
+    for section in sections:
+        section_started = time.perf_counter()
+        figures += SECTIONS[section](ctx)
+        print(f"{section}: {time.perf_counter() - section_started:.1f} s", flush=True)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    print_figures(figures, args.cpu_smoke)
+    print(f"not measured here (no section yet): {'; '.join(PLANNED.values())}")
+    print(f"total {time.perf_counter() - started:.0f} s")
+    return figures
+
+
+if __name__ == "__main__":
+    main()
