@@ -1,6 +1,6 @@
 """GPU figures of issue 12: each beside its reference and the limit measured in the same run, MET or MISSED.
 
-    python benchmarks/gpu.py [--bench_dir ../shared/bench] [--only limits search embed]
+    python benchmarks/gpu.py [--bench_dir ../shared/bench] [--only limits search embed fid_step eval]
     python benchmarks/gpu.py --cpu-smoke      # tiny sizes on CPU: checks that the script runs (not a measurement)
 
 Needs nothing from a hub: random-init models of the released shapes built from configs (BERT-base for the retriever),
@@ -17,9 +17,17 @@ them next to the checkout on a machine without ``../shared``). Sections, in orde
   bench passages (replicated), against the fp32 build (what ``--precision`` did not reach before) and tokenising
   alone; limit = bf16 peak / FLOPs per passage; goal >= 15,000 passages/s.
 
-Adding a section (issue 12 item 3, FiD step MFU; item 5, evaluation throughput and memory): write
-``def section_x(ctx: Context) -> list[Figure]`` (``ctx.limits`` holds the measured peaks, ``ctx.sizes`` the sizes of
-this mode) and register it in SECTIONS; PLANNED lists what is still to be written.
+- ``fid_step``: one training step (B = 1, K = 40, L = 512, 16 target tokens, bf16 autocast, AdamW) of Atlas at the
+  released reader shapes (t5-base and t5-large lm-adapt, random init) with a BERT-base retriever: reader only, + query-
+  side pdist retriever training, + reader gradient checkpointing. Each with its time, MFU (the reader's forward and
+  backward plus the teacher's forward, counted by torch's FlopCounterMode without recomputation, over step time x the
+  bf16 peak), peak memory and the parts (tokenising, query embedding, the teacher alone, forward, backward, optimizer,
+  the device synchronised between them). Goal: >= 30% MFU for t5-large with retriever training, which adds <= 35%.
+- ``eval``: evaluation questions/s (eval loss + greedy generation of 16 tokens, K = 40, bf16; retrieval is the
+  ``search`` section) and what one GPU holds: evaluation peak memory beside an index shard of wiki-dec2018 / 8.
+
+A new section is ``def section_x(ctx: Context) -> list[Figure]`` (``ctx.limits`` holds the measured peaks,
+``ctx.sizes`` the sizes of this mode) registered in SECTIONS.
 """
 
 from __future__ import annotations
@@ -62,6 +70,15 @@ class Sizes:
     embed_batch: int = 512
     embed_maxlength: int = 512
     bert: dict = field(default_factory=dict)  # BertConfig overrides; {} = BERT-base
+    readers: tuple[str, ...] = ("t5-base", "t5-large")  # FiD step: released reader shapes (T5_SHAPES)
+    t5: dict = field(default_factory=dict)  # T5Config overrides on top of a shape ({} = the released shape)
+    fid_k: int = 40  # passages per question (n_context = retriever_n_context)
+    fid_length: int = 512  # text_maxlength
+    fid_target: int = 16  # target tokens (target_maxlength of the NQ scripts)
+    fid_steps: int = 3  # timed steps per variant (after one warm-up step)
+    eval_questions: int = 64  # evaluation throughput: questions generated (batch eval_batch)
+    eval_batch: int = 4
+    index_rows_per_gpu: int = 32_100_000 // 8  # wiki-dec2018 over 8 GPUs: the shard a GPU holds
 
 
 GPU_SIZES = Sizes()
@@ -78,7 +95,21 @@ SMOKE_SIZES = Sizes(
     embed_batch=16,
     embed_maxlength=64,
     bert={"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64},
+    readers=("t5-base",),
+    t5={"d_model": 32, "d_ff": 64, "num_layers": 2, "num_decoder_layers": 2, "num_heads": 2, "d_kv": 16},
+    fid_k=4,
+    fid_length=64,
+    fid_target=8,
+    fid_steps=1,
+    eval_questions=4,
+    eval_batch=2,
+    index_rows_per_gpu=10_000,
 )
+# The released readers (google/t5-*-lm-adapt: T5 v1.1, gated GELU, untied lm_head), built from configs.
+T5_SHAPES = {
+    "t5-base": {"d_model": 768, "d_ff": 2048, "num_layers": 12, "num_decoder_layers": 12, "num_heads": 12},
+    "t5-large": {"d_model": 1024, "d_ff": 2816, "num_layers": 24, "num_decoder_layers": 24, "num_heads": 16},
+}
 
 
 @dataclass
@@ -268,13 +299,199 @@ def section_embed(ctx: Context) -> list[Figure]:
     ]
 
 
+def _fid_parts(ctx: Context, shape: str, train_retriever: bool, checkpointing: bool = False):
+    """A random-init Atlas at a released reader shape (BERT-base retriever), its tokenizers and a question list whose
+    every question comes with fid_k bench passages."""
+    from transformers import BertConfig, BertModel, PreTrainedTokenizerFast, T5Config
+
+    from src.atlas import Atlas
+    from src.batching import Tokenizers
+    from src.config import AtlasConfig
+    from src.reader import reader_from_config
+    from src.retriever import Retriever
+    from src.tasks import Example
+
+    sizes, device = ctx.sizes, ctx.device
+    tokenizers = Tokenizers(
+        PreTrainedTokenizerFast.from_pretrained(str(ctx.bench_dir / "tokenizers" / "t5-32k-bench")),
+        PreTrainedTokenizerFast.from_pretrained(str(ctx.bench_dir / "tokenizers" / "bert-base-uncased")),
+    )
+    vocab = max(32128, len(tokenizers.reader))
+    shape_args = {"d_kv": 64, **T5_SHAPES[shape], **sizes.t5}
+    config = T5Config(vocab_size=vocab, feed_forward_proj="gated-gelu", tie_word_embeddings=False, dropout_rate=0.1,
+                      decoder_start_token_id=0, pad_token_id=0, eos_token_id=1, **shape_args)  # fmt: skip
+    torch.manual_seed(0)
+    reader = reader_from_config(config)
+    retriever = Retriever(BertModel(BertConfig(**sizes.bert), add_pooling_layer=False), query_side=True)
+    if checkpointing:
+        reader.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    cfg = AtlasConfig(n_context=sizes.fid_k, retriever_n_context=sizes.fid_k, text_maxlength=sizes.fid_length,
+                      target_maxlength=sizes.fid_target, train_retriever=train_retriever, gold_score_mode="ppmean",
+                      generation_max_length=sizes.fid_target, generation_min_length=sizes.fid_target)  # fmt: skip
+    model = Atlas(reader, retriever, cfg).to(device)
+    corpus = [json.loads(line) for _, line in zip(range(4096), open(ctx.bench_dir / "corpus.jsonl"))]
+    examples, passages = [], []
+    for i in range(max(sizes.eval_questions, 8)):
+        title = corpus[i % len(corpus)]["title"]
+        examples.append(Example(f"question: what is {title}? answer: <extra_id_0>", f"<extra_id_0> {title}", [title]))
+        passages.append([corpus[(i * sizes.fid_k + j) % len(corpus)] for j in range(sizes.fid_k)])
+    return model, tokenizers, examples, passages
+
+
+def _fid_flops(model, batch) -> float:
+    """The issue's model FLOPs of one step: reader forward + backward over the batch, plus the teacher's forward
+    (ppmean: the reader over each passage alone) when the retriever trains; counted by torch's FlopCounterMode."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from src import reader as fid
+    from src.gold_scores import ppmean_scores
+
+    with FlopCounterMode(display=False) as counter:
+        fid.forward(model.reader, batch.reader_ids, batch.reader_mask, batch.labels).loss.backward()
+        if model.config.train_retriever:
+            with torch.no_grad():
+                ppmean_scores(model.reader, batch.teacher_ids, batch.teacher_mask, batch.labels)
+    model.zero_grad(set_to_none=True)
+    return float(counter.get_total_flops())
+
+
+def _timed_step(model, optimizer, tokenizers, examples, passages, device) -> dict[str, float]:
+    """One training step (B = 1) split into its parts, the device synchronised between them: seconds per part."""
+    from src.batching import collate
+    from src.gold_scores import ppmean_scores
+    from src.precision import autocast, inference_autocast
+
+    times, train_retriever = {}, model.config.train_retriever
+    precision = "bf16" if device.type == "cuda" else "fp32"
+
+    def mark(name: str, started: float) -> float:
+        synchronize(device)
+        now = time.perf_counter()
+        times[name] = times.get(name, 0.0) + now - started
+        return now
+
+    synchronize(device)
+    t = time.perf_counter()
+    batch = collate(examples, passages, tokenizers, model.config, retriever=train_retriever).to(device)
+    t = mark("tokenising (collate)", t)
+    query = tokenizers.retriever([e.query for e in examples], return_tensors="pt", padding=True)
+    with inference_autocast(precision, device):
+        model.embed_queries(query["input_ids"], query["attention_mask"])
+    t = mark("query embedding", t)
+    if train_retriever:  # the teacher alone (the training forward below runs it again, inside the retriever loss)
+        with torch.no_grad(), autocast(precision, device):
+            ppmean_scores(model.reader, batch.teacher_ids, batch.teacher_mask, batch.labels)
+        t = mark("(teacher pass alone)", t)
+    model.train()
+    with autocast(precision, device):
+        losses = model(batch, train_retriever=train_retriever)
+    t = mark("forward (reader + teacher + retriever)", t)
+    losses["loss"].backward()
+    t = mark("backward", t)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    mark("optimizer", t)
+    times["step"] = sum(v for k, v in times.items() if not k.startswith("("))
+    return times
+
+
+def section_fid_step(ctx: Context) -> list[Figure]:
+    """FiD training step at the released shapes (B = 1, K = fid_k, L = fid_length, bf16): seconds, MFU against the
+    bf16 matmul peak, and the parts; reader only, + query-side pdist retriever training, + reader checkpointing."""
+    from src.batching import collate
+
+    device, sizes, figures = ctx.device, ctx.sizes, []
+    peak = ctx.limits["bf16_peak"]
+    for shape in sizes.readers:
+        reader_only = None
+        for name, train_retriever, checkpointing in (("reader only", False, False),
+                                                     ("+ retriever (query-side pdist)", True, False),
+                                                     ("+ retriever, reader checkpointing", True, True)):  # fmt: skip
+            model, tokenizers, examples, passages = _fid_parts(ctx, shape, train_retriever, checkpointing)
+            flops = _fid_flops(model, collate(examples[:1], passages[:1], tokenizers, model.config,
+                                              retriever=train_retriever).to(device))  # fmt: skip
+            params = [p for p in model.parameters() if p.requires_grad]
+            optimizer = torch.optim.AdamW(params, lr=1e-5, fused=device.type == "cuda")
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            _timed_step(model, optimizer, tokenizers, examples[:1], passages[:1], device)  # warm-up
+            runs = [_timed_step(model, optimizer, tokenizers, examples[i : i + 1], passages[i : i + 1], device)
+                    for i in range(1, 1 + sizes.fid_steps)]  # fmt: skip
+            parts = {k: min(r[k] for r in runs) for k in runs[0]}
+            step = parts.pop("step")
+            memory = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
+            mfu = flops / step / peak
+            reader_only = step if reader_only is None else reader_only
+            overhead = step / reader_only - 1
+            goal, met = "-", None
+            if name.startswith("+ retriever (") and shape == "t5-large":
+                goal, met = ">= 30% MFU; retriever training <= +35%", mfu >= 0.30 and overhead <= 0.35
+            figures.append(
+                Figure(
+                    f"FiD step {shape}, B=1 K={sizes.fid_k} L={sizes.fid_length} bf16, {name}",
+                    f"{step:.3f} s, MFU {100 * mfu:.1f}% (+{100 * overhead:.0f}% vs reader only), "
+                    f"peak {memory:.1f} GiB",
+                    "; ".join(f"{k} {v * 1e3:.0f} ms" for k, v in parts.items()),
+                    f"{flops / peak:.3f} s ({flops / 1e12:.1f} TFLOP at bf16 peak)",
+                    goal,
+                    met,
+                )
+            )
+            del model, optimizer
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    return figures
+
+
+def section_eval(ctx: Context) -> list[Figure]:
+    """Evaluation throughput (retrieval excluded: see `search`) at the first reader shape, K = fid_k, generating
+    fid_target tokens under bf16, and what one GPU holds: the model and an index shard of index_rows_per_gpu rows."""
+    from src.batching import collate
+    from src.precision import inference_autocast
+
+    device, sizes = ctx.device, ctx.sizes
+    model, tokenizers, examples, passages = _fid_parts(ctx, sizes.readers[0], train_retriever=False)
+    model.eval()
+    precision = "bf16" if device.type == "cuda" else "fp32"
+    examples, passages = examples[: sizes.eval_questions], passages[: sizes.eval_questions]
+
+    def run() -> None:
+        for i in range(0, len(examples), sizes.eval_batch):
+            batch = collate(examples[i : i + sizes.eval_batch], passages[i : i + sizes.eval_batch], tokenizers,
+                            model.config).to(device)  # fmt: skip
+            with inference_autocast(precision, device):
+                model.eval_outputs(batch)
+                model.generate(batch)
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    seconds = best_seconds(run, device, 1)
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
+    weights = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**30
+    shard = sizes.index_rows_per_gpu * sizes.dim * 2 / 2**30  # fp16 on CUDA
+    return [
+        Figure(
+            f"evaluation {sizes.readers[0]}, K={sizes.fid_k} L={sizes.fid_length}, {sizes.fid_target} tokens "
+            f"generated, batch {sizes.eval_batch}, bf16",
+            f"{len(examples) / seconds:.1f} questions/s",
+            "eval loss + greedy generation, retrieval excluded",
+        ),
+        Figure(
+            "per-GPU memory: model + index shard",
+            f"evaluation peak {peak:.1f} GiB (fp32 weights {weights:.2f} GiB)",
+            f"index shard {sizes.index_rows_per_gpu:,} x {sizes.dim} fp16 = {shard:.1f} GiB",
+            "add the two; training: see the FiD step peaks",
+        ),
+    ]
+
+
 SECTIONS: dict[str, Callable[[Context], list[Figure]]] = {
     "limits": section_limits,
     "search": section_search,
     "embed": section_embed,
+    "fid_step": section_fid_step,
+    "eval": section_eval,
 }
-# Still to be written (hooks: add a section function and register it above).
-PLANNED = {"fid_step": "issue 12 item 3: FiD training step MFU", "eval": "issue 12 item 5: evaluation questions/s"}
 
 
 def print_figures(figures: list[Figure], smoke: bool) -> None:
@@ -324,7 +541,6 @@ def main(argv: list[str] | None = None) -> list[Figure]:
         if device.type == "cuda":
             torch.cuda.empty_cache()
     print_figures(figures, args.cpu_smoke)
-    print(f"not measured here (no section yet): {'; '.join(PLANNED.values())}")
     print(f"total {time.perf_counter() - started:.0f} s")
     return figures
 
