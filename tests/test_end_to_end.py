@@ -150,3 +150,19 @@ def test_a_killed_run_resumes_bit_identically(demo, tmp_path, retriever):
     whole = torch.load(tmp_path / "whole/checkpoint/latest/model.pth.tar", weights_only=True)["model"]
     resumed = torch.load(checkpoints / "latest/model.pth.tar", weights_only=True)["model"]
     assert all(torch.equal(whole[k], resumed[k]) for k in whole)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_single_gpu_training_and_evaluation(demo, tmp_path, precision):
+    """On one GPU, train.py (retriever training included) and evaluate.py run under --precision with finite losses."""
+    args = common(demo, tmp_path) + ["--precision", precision, "--per_gpu_batch_size", "2"]
+    trained = run(["train.py", *args, "--name", "gpu", "--train_retriever", "--total_steps", "4", "--log_freq", "1"])
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    log = (tmp_path / "gpu" / "run.log").read_text()
+    losses = [float(line.split("loss/loss ")[1].split()[0]) for line in log.splitlines() if "loss/loss " in line]
+    assert len(losses) == 4 and all(torch.isfinite(torch.tensor(losses)))
+    evaluated = run(["evaluate.py", *args, "--name", "gpu_eval", "--eval_data", str(demo / "data/dev.jsonl"),
+                     "--model_path", str(tmp_path / "gpu/checkpoint/latest")])  # fmt: skip
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    assert "questions/s" in (tmp_path / "gpu_eval" / "run.log").read_text()

@@ -90,7 +90,7 @@ def test_device_topk_reads_nothing_on_the_host(monkeypatch):
     assert scores.shape == rows.shape == (3, 10) and rows.dtype == torch.int64
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.cuda
 def test_cuda_search_matches_cpu_without_sync():
     rng = np.random.default_rng(2)
     embeddings = torch.as_tensor(rng.integers(-2, 3, size=(200_000, 8)).astype(np.float16))
