@@ -17,6 +17,17 @@ pytestmark = pytest.mark.distributed
 TORCHRUN = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 
 
+def launch_until(args: list[str], env: dict, log, text: str) -> subprocess.Popen:
+    """Start `torchrun train.py ARGS` on 2 ranks and return once its run.log shows `text` (it is still running)."""
+    command = [sys.executable, *TORCHRUN, "train.py", *args]
+    launcher = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not (log.exists() and text in log.read_text()):
+        assert launcher.poll() is None and time.time() < deadline, "training did not start"
+        time.sleep(0.2)
+    return launcher
+
+
 def common(demo, ckpt):
     return [*demo_args(demo, ckpt), "--n_context", "2", "--retriever_n_context", "2", "--generation_max_length", "6",
             "--per_gpu_batch_size", "2"]  # fmt: skip
@@ -59,13 +70,7 @@ def test_sigusr1_to_one_rank_saves_the_same_step_on_both_exits_0_and_requeues_on
     (bin_dir / "scontrol").chmod(0o755)
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_ID": "4242", "HF_HUB_OFFLINE": "1"}
     args = [*common(demo, tmp_path), "--name", "pre", "--total_steps", "100000", "--log_freq", "1"]
-    command = [sys.executable, *TORCHRUN, "train.py", *args]
-    launcher = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    log = tmp_path / "pre/run.log"
-    deadline = time.time() + 300
-    while not (log.exists() and "step 2/" in log.read_text()):
-        assert launcher.poll() is None and time.time() < deadline, "training did not start"
-        time.sleep(0.5)
+    launcher = launch_until(args, env, tmp_path / "pre/run.log", "step 2/")
     workers = subprocess.run(["pgrep", "-P", str(launcher.pid)], capture_output=True, text=True).stdout.split()
     assert len(workers) == 2
     os.kill(int(workers[1]), signal.SIGUSR1)  # one rank only
@@ -125,13 +130,7 @@ def test_an_error_on_one_rank_ends_both_promptly_with_its_message(demo, tmp_path
     args = [*common(demo, tmp_path), "--name", "fails", "--train_data", str(train), "--total_steps", "100000",
             "--log_freq", "1"]  # fmt: skip
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    command = [sys.executable, *TORCHRUN, "train.py", *args]
-    launcher = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    log = tmp_path / "fails/run.log"
-    deadline = time.time() + 300
-    while not (log.exists() and "step 1/" in log.read_text()):
-        assert launcher.poll() is None and time.time() < deadline, "training did not start"
-        time.sleep(0.2)
+    launcher = launch_until(args, env, tmp_path / "fails/run.log", "step 1/")
     lines = train.read_text().splitlines(keepends=True)  # same length per line: the byte offsets stay valid
     train.write_text("".join("[" + line[1:] if i % 2 else line for i, line in enumerate(lines)))
     started = time.time()

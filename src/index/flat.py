@@ -85,6 +85,17 @@ def exact_topk(
     return scores, rows
 
 
+def _padded_candidates(
+    all_scores: list[torch.Tensor], all_rows: list[torch.Tensor], n_queries: int, n_rows: int, k: int, device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The chunks' candidates side by side, padded with -inf / PAD_ROW so that a shard smaller than k still returns
+    exactly k: (B, n_chunks * k') each."""
+    if n_rows < k:
+        all_scores = [*all_scores, torch.full((n_queries, k - n_rows), float("-inf"), device=device)]
+        all_rows = [*all_rows, torch.full((n_queries, k - n_rows), PAD_ROW, dtype=torch.int64, device=device)]
+    return torch.cat(all_scores, dim=1), torch.cat(all_rows, dim=1)
+
+
 def _exact_topk_cpu(
     embeddings: torch.Tensor, queries: torch.Tensor, k: int, row_offset: int, chunk_rows: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -101,11 +112,7 @@ def _exact_topk_cpu(
         values, columns = _chunk_topk(chunk_scores, k)  # (B, k')
         all_scores.append(values.float())
         all_rows.append(columns + (start + row_offset))
-    if n_rows < k:  # pad so every shard returns exactly k candidates
-        all_scores.append(torch.full((n_queries, k - n_rows), float("-inf"), device=device))
-        all_rows.append(torch.full((n_queries, k - n_rows), PAD_ROW, dtype=torch.int64, device=device))
-    scores = torch.cat(all_scores, dim=1)  # (B, n_chunks * k')
-    rows = torch.cat(all_rows, dim=1)  # (B, n_chunks * k')
+    scores, rows = _padded_candidates(all_scores, all_rows, n_queries, n_rows, k, device)  # (B, n_chunks * k')
     return sort_topk(scores, rows, k)
 
 
@@ -184,11 +191,7 @@ def exact_topk_device(
         values, columns = _device_chunk_topk(chunk_scores, k, GROUP_ROWS)  # (B, k')
         all_scores.append(values.float())
         all_rows.append(columns + (start + row_offset))
-    if n_rows < k:  # pad so every shard returns exactly k candidates
-        all_scores.append(torch.full((n_queries, k - n_rows), float("-inf"), device=device))
-        all_rows.append(torch.full((n_queries, k - n_rows), PAD_ROW, dtype=torch.int64, device=device))
-    scores = torch.cat(all_scores, dim=1)  # (B, n_chunks * k')
-    rows = torch.cat(all_rows, dim=1)  # (B, n_chunks * k')
+    scores, rows = _padded_candidates(all_scores, all_rows, n_queries, n_rows, k, device)  # (B, n_chunks * k')
     if len(all_scores) == 1:  # one chunk, already in order
         return scores, rows
     return sort_topk(scores, rows, k)
