@@ -1,6 +1,6 @@
 """Passage RAM and index load time: our index (PassageStore + .npy shards) vs the original Atlas format.
 
-    python benchmarks/passage_ram.py [--n 1000000] [--dim 768] [--shards 128] [--tmp /tmp]
+    python benchmarks/passage_ram.py [--n 1000000] [--dim 768] [--shards 128] [--tmp /tmp] [--keep DIR]
 
 Writes ``--n`` synthetic passages (id, title, section, ~100 words of Zipf-distributed random words) as jsonl and
 seeded random embeddings, then saves them twice:
@@ -8,9 +8,12 @@ seeded random embeddings, then saves them twice:
             CPU) and with fp16 shards;
   original: ``--shards`` pickle files of lists of passage dicts (``passages.{i}.pt``) + torch.save'd fp16 (d, n_i)
             tensors (``embeddings.{i}.pt``), the original Atlas layout.
-Each is loaded in a fresh subprocess (ours: ``load_index``; original: pickle.load every file, a dict
-local index -> passage, torch.cat of the embeddings) measuring load time and the VmRSS increase. Files are warm in
-the page cache for both. Everything is written under a temporary directory in ``--tmp`` and deleted at the end.
+Each is loaded in a fresh subprocess (ours: ``load_index`` with its default shard-reading threads, and fp32 shards
+again with one thread; original: pickle.load every file, a dict local index -> passage, torch.cat of the embeddings)
+measuring load time and the VmRSS increase. Files are read once just before each load, so they are warm in the page
+cache for both. Everything is written under a temporary directory in ``--tmp`` and deleted at the end, or with
+``--keep DIR`` written to DIR once and reused by later runs with the same sizes (to compare two versions of the
+loader on the same files).
 """
 
 from __future__ import annotations
@@ -106,15 +109,21 @@ def child(kind: str, directory: str, shards: int) -> None:
     """Load one index in this fresh process and print a JSON line of measurements."""
     import gc
 
-    if kind == "ours":
+    if kind.startswith("ours"):
         from src.distributed import World
         from src.index import load_index
 
+        try:
+            from src.index import files  # the shard reader (src.index.io before it was split out)
+        except ImportError:
+            from src.index import io as files
         world = World(0, 0, 1, torch.device("cpu"))
+        if kind == "ours-1-thread" and hasattr(files, "LOAD_THREADS"):
+            files.LOAD_THREADS = 1
     gc.collect()
     rss0, _ = rss_bytes()
     started = time.perf_counter()
-    if kind == "ours":
+    if kind.startswith("ours"):
         index = load_index(directory, world)
         embedding_bytes = index.local_embeddings.nelement() * index.local_embeddings.element_size()
         lookup, n_passages = index.store.get, len(index)
@@ -143,7 +152,19 @@ def child(kind: str, directory: str, shards: int) -> None:
     print(json.dumps({**report, "fetch_us": fetch_us, "rss_after_fetch": rss2 - rss0}))
 
 
+def warm_page_cache(directory: str) -> None:
+    """Read every file under ``directory`` once, so a load never waits for the disk (other jobs may have evicted
+    pages since the last load)."""
+    buffer = bytearray(8 << 20)
+    for path in Path(directory).rglob("*"):
+        if path.is_file():
+            with open(path, "rb", buffering=0) as handle:
+                while handle.readinto(buffer):
+                    pass
+
+
 def run_child(kind: str, directory: str, shards: int) -> dict:
+    warm_page_cache(directory)
     script = os.path.abspath(__file__)
     out = subprocess.run(
         [sys.executable, script, "--child", kind, directory, "--shards", str(shards)],
@@ -152,6 +173,44 @@ def run_child(kind: str, directory: str, shards: int) -> dict:
         text=True,
     ).stdout
     return json.loads(out.strip().splitlines()[-1])
+
+
+def write_all(tmp: str, args: argparse.Namespace) -> int:
+    """Write the corpus, our store and indices and the original layout into ``tmp`` (unless a previous ``--keep`` run
+    with the same sizes did); return the corpus's text bytes."""
+    done = f"{tmp}/done.json"
+    sizes = {"n": args.n, "dim": args.dim, "shards": args.shards}
+    if os.path.exists(done):
+        with open(done) as handle:
+            meta = json.load(handle)
+        if meta["sizes"] != sizes:
+            raise SystemExit(f"{tmp} holds files for {meta['sizes']}, not {sizes}: delete it or pass another --keep")
+        print(f"reusing the files in {tmp}")
+        return meta["text_bytes"]
+    if os.listdir(tmp):
+        raise SystemExit(f"{tmp} is not empty and holds no finished benchmark files: delete it first")
+    started = time.perf_counter()
+    corpus = f"{tmp}/corpus.jsonl"
+    text_bytes = write_corpus(corpus, args.n)
+    print(
+        f"wrote {args.n} passages ({os.path.getsize(corpus) / GIB:.2f} GiB jsonl, {text_bytes / args.n:.0f} text "
+        f"bytes per passage) in {time.perf_counter() - started:.0f} s",
+        flush=True,
+    )
+    from src.passages import PassageStore
+
+    started = time.perf_counter()
+    PassageStore.build([corpus], f"{tmp}/store")
+    print(f"built our passage store in {time.perf_counter() - started:.0f} s")
+    embeddings = seeded_rows(0, args.n, args.dim)  # (N, d) fp32
+    for dtype in ("float32", "float16"):
+        seconds = save_ours(f"{tmp}/store", f"{tmp}/ours-{dtype}", embeddings, args.shards, dtype)
+        print(f"saved our {dtype} index in {seconds:.0f} s")
+    seconds = save_original(corpus, f"{tmp}/original", embeddings, args.shards)
+    print(f"saved the original format in {seconds:.0f} s", flush=True)
+    with open(done, "w") as handle:
+        json.dump({"sizes": sizes, "text_bytes": text_bytes}, handle)
+    return text_bytes
 
 
 def dir_bytes(directory: str) -> int:
@@ -165,6 +224,7 @@ def main() -> None:
     parser.add_argument("--shards", type=int, default=128)
     parser.add_argument("--tmp", default=None, help="parent of the temporary directory (default: the system's)")
     parser.add_argument("--repeats", type=int, default=2, help="fresh-process loads of each (best time is kept)")
+    parser.add_argument("--keep", default=None, help="write the files to this directory once and reuse them")
     parser.add_argument("--child", nargs=2, metavar=("KIND", "DIR"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -172,30 +232,16 @@ def main() -> None:
         return
 
     print(machine_info())
-    tmp = tempfile.mkdtemp(prefix="bench_passage_ram_", dir=args.tmp)
+    if args.keep:
+        tmp = os.path.abspath(args.keep)
+        os.makedirs(tmp, exist_ok=True)
+    else:
+        tmp = tempfile.mkdtemp(prefix="bench_passage_ram_", dir=args.tmp)
     try:
-        started = time.perf_counter()
-        corpus = f"{tmp}/corpus.jsonl"
-        text_bytes = write_corpus(corpus, args.n)
-        print(
-            f"wrote {args.n} passages ({os.path.getsize(corpus) / GIB:.2f} GiB jsonl, {text_bytes / args.n:.0f} text "
-            f"bytes per passage) in {time.perf_counter() - started:.0f} s",
-            flush=True,
-        )
-        from src.passages import PassageStore
-
-        started = time.perf_counter()
-        PassageStore.build([corpus], f"{tmp}/store")
-        print(f"built our passage store in {time.perf_counter() - started:.0f} s")
-        embeddings = seeded_rows(0, args.n, args.dim)  # (N, d) fp32
-        for dtype in ("float32", "float16"):
-            seconds = save_ours(f"{tmp}/store", f"{tmp}/ours-{dtype}", embeddings, args.shards, dtype)
-            print(f"saved our {dtype} index in {seconds:.0f} s")
-        seconds = save_original(corpus, f"{tmp}/original", embeddings, args.shards)
-        print(f"saved the original format in {seconds:.0f} s", flush=True)
-        del embeddings
+        text_bytes = write_all(tmp, args)
         variants = {  # name -> (child kind, directory)
             "ours, fp32 shards (the default save)": ("ours", f"{tmp}/ours-float32"),
+            "ours, fp32 shards, 1 load thread": ("ours-1-thread", f"{tmp}/ours-float32"),
             "ours, fp16 shards": ("ours", f"{tmp}/ours-float16"),
             "original (pickles + fp16 .pt)": ("original", f"{tmp}/original"),
         }
@@ -208,7 +254,8 @@ def main() -> None:
                     results[name] = run
         disk = {name: dir_bytes(directory) for name, (_, directory) in variants.items()}
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if not args.keep:
+            shutil.rmtree(tmp, ignore_errors=True)
 
     n = args.n
     text = text_bytes / n

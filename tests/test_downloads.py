@@ -363,7 +363,7 @@ def test_download_index_with_base_url_and_convert(tmp_path: Path) -> None:
     args = ("--index", "indices/atlas/wiki/base", "--output_directory", str(out), "--convert")
     run = run_script("download_index", *args, ATLAS_BASE_URL=(tmp_path / "mirror").as_uri())
     assert run.returncode == 0, run.stderr
-    from src.index import io as index_io
+    from src.index import files as index_io
 
     manifest = index_io.read_manifest(str(out / "indices/atlas/wiki/base-converted"))
     assert manifest["n_passages"] == 128 and manifest["dim"] == 4

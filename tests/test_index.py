@@ -12,7 +12,7 @@ from torch import nn
 from src.config import IndexConfig
 from src.distributed import World
 from src.errors import UserError
-from src.index import DistributedIndex, embed_passages, flat, import_legacy_index, io, load_index, save_index
+from src.index import DistributedIndex, embed_passages, files, flat, import_legacy_index, io, load_index, save_index
 from src.index.legacy import main as legacy_main
 from src.passages import PassageStore, passage_title
 
@@ -95,12 +95,12 @@ def test_save_load_round_trip_any_shard_count(tmp_path, small_chunks):
         path = str(tmp_path / f"saved{n_shards}")
         save_index(index, path, n_shards=n_shards)
         loaded = load_index(path, WORLD)
-        assert len(io.read_manifest(path)["embeddings"]["shards"]) == min(n_shards, 50)
+        assert len(files.read_manifest(path)["embeddings"]["shards"]) == min(n_shards, 50)
         for got, want in zip(loaded.search(queries, 10), expected):
             assert torch.equal(got, want)
         assert loaded.store.get(49) == index.store.get(49)
     save_index(index, str(tmp_path / "saved7"), n_shards=3)  # saving over an existing index replaces it
-    assert len(io.read_manifest(str(tmp_path / "saved7"))["embeddings"]["shards"]) == 3
+    assert len(files.read_manifest(str(tmp_path / "saved7"))["embeddings"]["shards"]) == 3
     half = load_index(str(tmp_path / "saved7"), World(1, 1, 2, torch.device("cpu")))
     assert half.local_rows == range(25, 50)  # a rank of another world size reads only its rows
 
@@ -184,7 +184,7 @@ def test_legacy_import_then_search(tmp_path):
     index = load_index(str(tmp_path / "new"), WORLD)
     assert index.store.get_many(range(len(passages))) == passages
     assert index.store.get(1)["title"] == "t" and passage_title(index.store.get(1)) == "t: s"
-    assert io.read_manifest(str(tmp_path / "new"))["embeddings"]["dtype"] == "float16"
+    assert files.read_manifest(str(tmp_path / "new"))["embeddings"]["dtype"] == "float16"
     assert_search_equals(index, embeddings, rng.standard_normal((4, 8)).astype(np.float32), 6)
     assert legacy_main([str(tmp_path / "orig"), str(tmp_path / "new")]) == 2  # refuses to overwrite
 
@@ -308,3 +308,81 @@ def test_embed_passages_dynamic_padding_matches_one_at_a_time(tmp_path):
             torch.testing.assert_close(index.local_embeddings[row], expected, atol=1e-5, rtol=1e-5)
     with pytest.raises(UserError, match="produces 32"):
         embed_passages(DistributedIndex(store, 16, WORLD), encoder, tokenizer, passage_title, 4, 64)
+
+
+def saved_flat(tmp_path, embeddings, n_shards, dtype, name="idx"):
+    """Save ``embeddings`` as a flat index of ``n_shards`` ``dtype`` shards; return its path."""
+    path = str(tmp_path / name)
+    save_index(flat_index(tmp_path, embeddings), path, n_shards=n_shards, dtype=dtype)
+    return path
+
+
+def flip_byte(file_path, offset):
+    with open(file_path, "r+b") as handle:
+        handle.seek(offset)
+        byte = handle.read(1)
+        handle.seek(offset)
+        handle.write(bytes([byte[0] ^ 0x40]))
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in cast")  # the reference fp16 casts overflow on purpose
+@pytest.mark.parametrize("threads", [1, 3])
+@pytest.mark.parametrize("shard_dtype", ["float32", "float16"])
+def test_streamed_load_is_bit_identical(tmp_path, monkeypatch, threads, shard_dtype):
+    # Chunks of 100 bytes (1-2 rows) and a thread pool: every chunk edge and shard/rank boundary is crossed.
+    monkeypatch.setattr(files, "CHUNK_BYTES", 100)
+    monkeypatch.setattr(files, "LOAD_THREADS", threads)
+    rng = np.random.default_rng(11)
+    embeddings = (rng.standard_normal((31, 12)) * np.exp(rng.uniform(-20, 12, (31, 12)))).astype(np.float32)
+    embeddings[0, :3] = [np.inf, 65520.0, 1e-8]  # fp16 overflow, rounding to inf and a subnormal
+    path = saved_flat(tmp_path, embeddings, 3, shard_dtype)  # shards [0, 10) [10, 20) [20, 31); ranks split at 15
+    saved = embeddings.astype(shard_dtype)
+    for world_size in (1, 2):
+        for rank in range(world_size):
+            index = load_index(path, World(rank, rank, world_size, torch.device("cpu")))
+            want = saved[index.local_rows.start : index.local_rows.stop].astype(np.float32)
+            assert index.local_embeddings.dtype == torch.float32
+            assert index.local_embeddings.numpy().tobytes() == want.tobytes()
+    manifest = files.read_manifest(path)
+    for dtype in (torch.float16, torch.float32):  # fp16 is what a CUDA index holds
+        got = files.read_rows(path, manifest, 4, 27, dtype).numpy()
+        assert got.tobytes() == saved[4:27].astype(got.dtype).tobytes()
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_corruption_anywhere_in_a_shard_is_named(tmp_path, monkeypatch, threads):
+    monkeypatch.setattr(files, "CHUNK_BYTES", 64)
+    monkeypatch.setattr(files, "LOAD_THREADS", threads)
+    embeddings = np.random.default_rng(12).standard_normal((31, 8)).astype(np.float32)
+    path = saved_flat(tmp_path, embeddings, 3, "float16")
+    middle = os.path.join(path, "embeddings.00001.npy")  # rows [10, 20): straddles the 2-rank split at 15
+    flip_byte(middle, os.path.getsize(middle) - 10 * 8 * 2 + 5 * 8 * 2 + 3)  # in row 10 + 5 = 15, held by rank 1
+    for rank in (0, 1):  # rank 0 keeps none of the flipped row, but a shard is checked whole
+        with pytest.raises(UserError, match=r"embeddings\.00001\.npy is corrupted \(checksum mismatch\)"):
+            load_index(path, World(rank, rank, 2, torch.device("cpu")))
+    first = os.path.join(path, "embeddings.00000.npy")
+    flip_byte(first, os.path.getsize(first) - 1)
+    with pytest.raises(UserError, match=r"embeddings\.00000\.npy is corrupted"):  # the first bad shard in row order
+        load_index(path, WORLD)
+
+
+def test_bad_header_truncated_and_read_only_shards(tmp_path, monkeypatch):
+    monkeypatch.setattr(files, "LOAD_THREADS", 2)
+    embeddings = np.random.default_rng(13).standard_normal((20, 8)).astype(np.float32)
+    path = saved_flat(tmp_path, embeddings, 2, "float32")
+    for name in os.listdir(path):
+        if name.endswith(".npy"):
+            os.chmod(os.path.join(path, name), 0o444)  # a shared, read-only index still loads
+    assert load_index(path, WORLD).local_embeddings.numpy().tobytes() == embeddings.tobytes()
+    shard = os.path.join(path, "embeddings.00001.npy")
+    os.chmod(shard, 0o644)
+    np.save(shard, embeddings[10:].reshape(20, 4))  # same size, another shape
+    with pytest.raises(UserError, match=r"embeddings\.00001\.npy holds float32\(20, 4\), expected \(10, 8\)"):
+        load_index(path, WORLD)
+    with open(shard, "wb") as handle:
+        handle.write(b"\x93NUMPY garbage".ljust(os.path.getsize(os.path.join(path, "embeddings.00000.npy")), b"x"))
+    with pytest.raises(UserError, match=r"embeddings\.00001\.npy is corrupted: "):
+        load_index(path, WORLD)
+    os.truncate(shard, 50)
+    with pytest.raises(UserError, match=r"embeddings\.00001\.npy is truncated or corrupted \(50 bytes"):
+        load_index(path, WORLD)

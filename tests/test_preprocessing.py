@@ -388,7 +388,7 @@ def test_download_index_convert_flag_runs_the_converter(fetched: list, tmp_path:
     """--convert turns the downloaded (here: hand-made, 2-shard) original index into a loadable new index."""
     import torch
 
-    from src.index import io as index_io
+    from src.index import files as index_io
 
     src = tmp_path / "indices/atlas/wiki/base"
     src.mkdir(parents=True)

@@ -15,7 +15,7 @@ from src.batching import collate
 from src.checkpoint import read_checkpoint
 from src.distributed import World
 from src.errors import UserError
-from src.index.io import read_manifest
+from src.index.files import read_manifest
 from src.index.refresh import build_index
 from src.model_factory import build_model
 from src.model_factory import uncentered_layernorm as resolve_layernorm

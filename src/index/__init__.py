@@ -2,7 +2,8 @@
 
 Modules: ``distributed_index`` (DistributedIndex: sharding and the collective search), ``flat`` (exact chunked top-k
 with deterministic ties), ``faiss_index`` (optional compressed indexes), ``embed`` (embedding passages),
-``refresh`` (the refresh schedule, building and refreshing the index), ``io`` (the on-disk format: save and load),
+``refresh`` (the refresh schedule, building and refreshing the index), ``files`` (the on-disk format and its checked
+reads), ``io`` (collective save and load),
 ``legacy`` (importing indices saved by the original Atlas).
 """
 

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from src.errors import UserError
-from src.index import io
+from src.index import files
 from src.passages import PassageStore, Record
 
 logger = logging.getLogger(__name__)
@@ -117,11 +117,11 @@ def import_legacy_index(src_dir: str, dst_dir: str) -> None:
     shard_ids = legacy_shard_ids(src_dir)
     if os.path.exists(dst_dir):
         raise UserError(f"{dst_dir} already exists: choose a new directory for the converted index")
-    tmp = io.new_temp_dir(dst_dir)
+    tmp = files.new_temp_dir(dst_dir)
     try:
         counts: list[int] = []
         store = PassageStore.build_from_records(
-            _passage_records(src_dir, shard_ids, counts), os.path.join(tmp, io.STORE_DIR)
+            _passage_records(src_dir, shard_ids, counts), os.path.join(tmp, files.STORE_DIR)
         )
         entries, start, dim, dtypes = [], 0, None, set()
         for i, count in zip(shard_ids, counts):
@@ -130,7 +130,7 @@ def import_legacy_index(src_dir: str, dst_dir: str) -> None:
                 raise UserError(f"embeddings.{i}.pt has dimension {array.shape[1]}, earlier shards {dim}")
             dim = array.shape[1]
             dtypes.add(str(array.dtype))
-            entry = io.write_npy(array, os.path.join(tmp, f"embeddings.{i:05d}.npy"))
+            entry = files.write_npy(array, os.path.join(tmp, f"embeddings.{i:05d}.npy"))
             entries.append({**entry, "start": start, "end": start + count})
             start += count
             logger.info("converted shard %d/%d (%d passages)", i + 1, len(shard_ids), count)
@@ -138,8 +138,8 @@ def import_legacy_index(src_dir: str, dst_dir: str) -> None:
             raise UserError(f"the embedding files of {src_dir} mix dtypes {sorted(dtypes)}")
         embeddings = {"dtype": dtypes.pop(), "shards": entries}
         # the original's retriever computed every released index with its uncentered LayerNorm (ATLAS_REFERENCE 2.4)
-        io.write_manifest(tmp, io.make_manifest(dim, len(store), embeddings, None, "uncentered"))
-        io.publish(tmp, dst_dir)
+        files.write_manifest(tmp, files.make_manifest(dim, len(store), embeddings, None, "uncentered"))
+        files.publish(tmp, dst_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
