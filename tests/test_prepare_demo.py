@@ -1,6 +1,7 @@
 """preprocessing/prepare_demo.py: the offline demo's data, reader and retriever (small world, scratch retriever)."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -56,6 +57,29 @@ def test_dev_people_never_appear_in_train_questions(world: dict[str, list[dict]]
     train_gold = {g for e in world["train"] for g in e["gold_ids"]}
     assert not train_gold & {g for e in world["dev"] for g in e["gold_ids"]}
     assert not any(name in e["question"] for e in world["train"] for name in dev_people)
+
+
+def test_pretraining_text_is_about_train_people_only(demo: Path, world: dict[str, list[dict]]) -> None:
+    """data/pretrain.jsonl: every fact of every train person, one a row; no dev person's name or dev-only fact value
+    (else MLM pretraining could teach the reader dev answers), and ids no passage has (so retrieval never filters
+    out the passage a masked fact can be copied from)."""
+    rows = read_jsonl(demo / "data" / "pretrain.jsonl")
+    assert all(set(row) == {"id", "title", "section", "text"} for row in rows)
+    assert not {row["id"] for row in rows} & {p["id"] for p in world["passages"]}
+    titles = {p["id"]: p["title"] for p in world["passages"]}
+    dev_people = {titles[g] for e in world["dev"] for g in e["gold_ids"]}
+    train_people = {titles[g] for e in world["train"] for g in e["gold_ids"]}
+    assert {row["title"] for row in rows} == train_people and len(rows) == 5 * len(train_people)
+    train_values = {a for e in world["train"] for a in e["answers"]}
+    dev_only_values = {a for e in world["dev"] for a in e["answers"]} - train_values
+    assert dev_people and dev_only_values
+    text = (demo / "data" / "pretrain.jsonl").read_text()
+    leaked = [w for w in dev_people | dev_only_values if re.search(rf"\b{re.escape(w)}\b", text)]
+    assert leaked == []
+    facts = {(row["title"], row["section"]): row["text"] for row in rows}
+    assert len(facts) == len(rows)  # each fact once
+    for e in world["train"]:  # every train answer is there to be masked
+        assert any(e["answers"][0] in facts[titles[e["gold_ids"][0]], s] for s in demo_world.SECTIONS.values()), e
 
 
 def test_every_answer_is_in_its_gold_passage(world: dict[str, list[dict]]) -> None:
