@@ -29,6 +29,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from src import distributed as dist
 from src.config import TrainConfig
+from src.errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +66,11 @@ class DataParallel:
 
     def __init__(self, model: nn.Module, cfg: TrainConfig, world_size: int) -> None:
         self.model, self.layout = model, layout_for(cfg, world_size)
+        on_cpu = next(model.parameters()).device.type == "cpu"
+        if self.layout == "zero2" and on_cpu and not hasattr(torch.cpu.Stream, "record_event"):
+            raise UserError(
+                f"--shard_grads on CPU needs torch >= 2.7 (FSDP2's CPU streams); this is {torch.__version__}"
+            )
         self.forward_module: nn.Module = model
         if self.layout in ("replicated", "zero1"):
             # find_unused_parameters: a frozen retriever (--freeze_retriever_steps, or reader-only training) and BERT's

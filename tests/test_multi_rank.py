@@ -90,6 +90,21 @@ def _weights(run_dir):
     return torch.load(run_dir / "checkpoint/latest/model.pth.tar", weights_only=True)["model"]
 
 
+FSDP2_ON_CPU = hasattr(torch.cpu.Stream, "record_event")  # torch >= 2.7
+
+
+def test_shard_grads_on_a_cpu_torch_without_fsdp2_support_is_one_line(monkeypatch):
+    from src.config import TrainConfig
+    from src.errors import UserError
+    from src.sharding import DataParallel
+
+    if FSDP2_ON_CPU:
+        monkeypatch.delattr(torch.cpu.Stream, "record_event")
+    with pytest.raises(UserError, match="--shard_grads on CPU needs torch >= 2.7"):
+        DataParallel(torch.nn.Linear(2, 2), TrainConfig(shard_optim=True, shard_grads=True), world_size=2)
+
+
+@pytest.mark.skipif(not FSDP2_ON_CPU, reason="FSDP2 on CPU needs torch >= 2.7")
 def test_sharded_training_matches_unsharded_and_resumes_exactly(demo, tmp_path):
     """ZeRO-1 (--shard_optim) gives the unsharded run's weights bit for bit: the same AdamW arithmetic, split over
     ranks. ZeRO-2 (FSDP) agrees to float rounding: the gradient norm for clipping is summed from each rank's shard,
