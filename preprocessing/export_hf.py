@@ -229,10 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         out = export(args)
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except OSError as err:  # a hub name that is not cached, an unwritable directory
+    except (UserError, OSError) as err:  # OSError: a hub name that is not cached, an unwritable directory
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(f"exported {args.model_path} to {out}")
