@@ -12,7 +12,17 @@ from torch import nn
 from src.config import IndexConfig
 from src.distributed import World
 from src.errors import UserError
-from src.index import DistributedIndex, embed_passages, files, flat, import_legacy_index, io, load_index, save_index
+from src.index import (
+    DistributedIndex,
+    block_ranges,
+    embed_passages,
+    files,
+    flat,
+    import_legacy_index,
+    io,
+    load_index,
+    save_index,
+)
 from src.index.legacy import main as legacy_main
 from src.passages import PassageStore, passage_title
 
@@ -350,13 +360,15 @@ def test_streamed_load_is_bit_identical(tmp_path, monkeypatch, threads, shard_dt
 
 
 @pytest.mark.parametrize("threads", [1, 3])
-def test_corruption_anywhere_in_a_shard_is_named(tmp_path, monkeypatch, threads):
+@pytest.mark.parametrize("shard_dtype", ["float16", "float32"])  # read into memory / searched where mapped
+def test_corruption_anywhere_in_a_shard_is_named(tmp_path, monkeypatch, threads, shard_dtype):
     monkeypatch.setattr(files, "CHUNK_BYTES", 64)
     monkeypatch.setattr(files, "LOAD_THREADS", threads)
     embeddings = np.random.default_rng(12).standard_normal((31, 8)).astype(np.float32)
-    path = saved_flat(tmp_path, embeddings, 3, "float16")
+    path = saved_flat(tmp_path, embeddings, 3, shard_dtype)
     middle = os.path.join(path, "embeddings.00001.npy")  # rows [10, 20): straddles the 2-rank split at 15
-    flip_byte(middle, os.path.getsize(middle) - 10 * 8 * 2 + 5 * 8 * 2 + 3)  # in row 10 + 5 = 15, held by rank 1
+    row_bytes = 8 * np.dtype(shard_dtype).itemsize
+    flip_byte(middle, os.path.getsize(middle) - 10 * row_bytes + 5 * row_bytes + 3)  # in row 15, held by rank 1
     for rank in (0, 1):  # rank 0 keeps none of the flipped row, but a shard is checked whole
         with pytest.raises(UserError, match=r"embeddings\.00001\.npy is corrupted \(checksum mismatch\)"):
             load_index(path, World(rank, rank, 2, torch.device("cpu")))
@@ -364,6 +376,47 @@ def test_corruption_anywhere_in_a_shard_is_named(tmp_path, monkeypatch, threads)
     flip_byte(first, os.path.getsize(first) - 1)
     with pytest.raises(UserError, match=r"embeddings\.00000\.npy is corrupted"):  # the first bad shard in row order
         load_index(path, WORLD)
+
+
+def test_fp32_shards_are_searched_where_they_are_mapped(tmp_path):
+    # A CPU index saved in fp32 keeps its shard files memory-mapped (one block per shard a rank overlaps, nothing
+    # copied), searches them with the bits of the index it was saved from (one query or several: the product is
+    # padded so that a score does not depend on the block holding its row), and never writes to the files.
+    rng = np.random.default_rng(14)
+    embeddings = rng.standard_normal((300, 16)).astype(np.float32)
+    index = flat_index(tmp_path, embeddings)
+    path = str(tmp_path / "mapped")
+    save_index(index, path, n_shards=7)  # 42-43 rows per shard: fewer than one matmul tile row block
+    queries = torch.as_tensor(rng.standard_normal((5, 16)).astype(np.float32))
+    for world_size in (1, 2, 3):
+        parts = []
+        for rank in range(world_size):
+            loaded = load_index(path, World(rank, rank, world_size, torch.device("cpu")))
+            rows = loaded.local_rows
+            overlapped = [s for s in block_ranges(300, 7) if max(s[0], rows.start) < min(s[1], rows.stop)]
+            assert len(loaded.embedding_blocks) == len(overlapped)
+            if world_size == 1:
+                for b in (1, 5):
+                    for got, want in zip(loaded.search(queries[:b], 10), index.search(queries[:b], 10)):
+                        assert torch.equal(got, want)
+            parts.append(loaded.local_embeddings)
+        assert torch.cat(parts).numpy().tobytes() == embeddings.tobytes()
+    loaded = load_index(path, WORLD)
+    loaded.embedding_blocks[0][0] = 0.0  # copy-on-write: the process's own page, not the file's
+    assert load_index(path, WORLD).local_embeddings.numpy().tobytes() == embeddings.tobytes()
+
+
+def test_blocks_search_equals_the_whole_matrix():
+    # Any cut of a shard into row blocks gives the scores and rows of the whole matrix, bit for bit.
+    generator = torch.Generator().manual_seed(15)
+    embeddings = torch.randn(3000, 24, generator=generator)
+    for n_queries in (1, 2, 7):
+        queries = torch.randn(n_queries, 24, generator=generator)
+        want = flat.exact_topk(embeddings, queries, 20, row_offset=100)
+        for cuts in ([1500], [1, 2, 3, 70, 2999], list(range(37, 3000, 37))):  # 80 blocks: several merges
+            blocks = [embeddings[a:b] for a, b in zip([0, *cuts], [*cuts, 3000])]
+            got = flat.blocks_topk(blocks, queries, 20, row_offset=100)
+            assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 
 def test_bad_header_truncated_and_read_only_shards(tmp_path, monkeypatch):

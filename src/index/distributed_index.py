@@ -19,7 +19,7 @@ from src.config import IndexConfig
 from src.distributed import World
 from src.errors import UserError
 from src.index import faiss_index
-from src.index.flat import PAD_ROW, exact_topk, sort_topk
+from src.index.flat import PAD_ROW, blocks_topk, sort_topk
 from src.passages import PassageStore
 
 logger = logging.getLogger(__name__)
@@ -49,7 +49,11 @@ class LocalPassages(Sequence):
 
 class DistributedIndex:
     """Exact MIPS (or faiss) index sharded over ranks: rank r holds a contiguous block of store rows and their
-    embeddings (N_local, d). Flat mode keeps fp32 on CPU (fastest here) and fp16 on CUDA."""
+    embeddings (N_local, d). Flat mode keeps fp32 on CPU (fastest here) and fp16 on CUDA.
+
+    The local embeddings are a list of row blocks in row order: one tensor after an embedding or a refresh; a
+    loaded CPU index keeps one view per memory-mapped shard file (no copy), searched block by block with the same
+    results."""
 
     def __init__(
         self,
@@ -71,7 +75,7 @@ class DistributedIndex:
         self.source_path = source_path  # where it was loaded from; named in dimension errors
         # LayerNorm variant of the retriever that embedded it ("uncentered" | "standard"; None: not recorded)
         self.retriever_layernorm: str | None = None
-        self._embeddings: torch.Tensor | None = None  # (N_local, d), flat mode only
+        self._blocks: list[torch.Tensor] = []  # flat mode: (n_i, d) row blocks in row order, sum n_i = N_local
         self._faiss = None  # faiss index over local rows (local id i = local_rows[i]), faiss mode only
         # CUDA device faiss builds and searches on (faiss with GPU support and a CUDA shard), else None: CPU faiss
         self._faiss_gpu = faiss_index.gpu_device_index(self.device) if cfg.mode == "faiss" else None
@@ -101,8 +105,29 @@ class DistributedIndex:
 
     @property
     def local_embeddings(self) -> torch.Tensor | None:
-        """This rank's (N_local, d) embeddings in flat mode (None in faiss mode); read-only by convention."""
-        return self._embeddings
+        """This rank's (N_local, d) embeddings in flat mode (None in faiss mode); read-only by convention. A copy
+        when the index holds several row blocks (a memory-mapped load): see `embedding_blocks`."""
+        if self.mode != "flat" or not self._ready:
+            return None
+        return self.embedding_rows(0, len(self.local_rows))
+
+    @property
+    def embedding_blocks(self) -> list[torch.Tensor]:
+        """This rank's flat embeddings as (n_i, d) row blocks in row order (empty in faiss mode)."""
+        return list(self._blocks)
+
+    def embedding_rows(self, start: int, end: int) -> torch.Tensor:
+        """Local rows [start, end) of the flat embeddings as one (end - start, d) tensor (a view when one block
+        holds them all)."""
+        pieces, first = [], 0
+        for block in self._blocks:
+            lo, hi = max(start, first), min(end, first + len(block))
+            if lo < hi:
+                pieces.append(block[lo - first : hi - first])
+            first += len(block)
+        if not pieces:
+            return self._blocks[0][:0]
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
 
     @property
     def local_faiss(self) -> Any:
@@ -123,18 +148,26 @@ class DistributedIndex:
             faiss_index.set_nprobe(faiss_object, self.cfg.faiss_nprobe)
             if self._faiss_gpu is not None and not faiss_index.is_gpu_index(faiss_object):
                 faiss_object = faiss_index.to_gpu(faiss_object, self._faiss_gpu)
-        self._faiss, self._embeddings, self._ready = faiss_object, None, True
+        self._faiss, self._blocks, self._ready = faiss_object, [], True
 
-    def set_embeddings(self, embeddings: torch.Tensor) -> None:
-        """Replace the local embeddings (N_local, dim). Flat: kept on the device in fp32 (CPU) or fp16 (CUDA).
-        faiss: a new faiss index is trained and filled, and the full-precision matrix is not kept."""
-        if tuple(embeddings.shape) != (len(self.local_rows), self.dim):
-            raise ValueError(f"embeddings {tuple(embeddings.shape)} != ({len(self.local_rows)}, {self.dim})")
+    def set_embeddings(self, embeddings: torch.Tensor | list[torch.Tensor]) -> None:
+        """Replace the local embeddings: (N_local, dim), or row blocks in row order whose rows add up to that.
+        Flat: kept on the device in fp32 (CPU) or fp16 (CUDA); blocks already there in that dtype are kept as they are
+        (e.g. memory-mapped shards), others are joined into one tensor. faiss: a new faiss index is trained and
+        filled, and the full-precision matrix is not kept."""
+        blocks = [embeddings] if isinstance(embeddings, torch.Tensor) else list(embeddings)
+        blocks = blocks or [torch.empty((0, self.dim), dtype=self.dtype, device=self.device)]  # a rank with no rows
+        shape = (sum(len(b) for b in blocks), *sorted({tuple(b.shape[1:]) for b in blocks}))  # (N, (d,)) if d agree
+        if shape != (len(self.local_rows), (self.dim,)):
+            raise ValueError(f"embeddings {shape} != ({len(self.local_rows)}, ({self.dim},))")
+        blocks = [b.detach() for b in blocks]
         if self.mode == "flat":
-            self._embeddings = embeddings.detach().to(device=self.device, dtype=self.dtype).contiguous()
+            if not all(b.device == self.device and b.dtype == self.dtype and b.is_contiguous() for b in blocks):
+                blocks = [torch.cat([b.to(device=self.device, dtype=self.dtype) for b in blocks]).contiguous()]
+            self._blocks = blocks
         else:
-            self._embeddings, self._faiss = None, None
-            vectors = embeddings.detach().float()  # (N_local, d) float32; stays on the GPU for GPU faiss
+            self._blocks, self._faiss = [], None
+            vectors = torch.cat(blocks).float()  # (N_local, d) float32; stays on the GPU for GPU faiss
             if len(vectors) > 0:
                 self._faiss = faiss_index.build_index(
                     vectors if self._faiss_gpu is not None else vectors.cpu().numpy(),
@@ -182,7 +215,7 @@ class DistributedIndex:
         """(B_total, k) float32 scores and global rows over this rank's rows; padded with (-inf, PAD_ROW)."""
         start = self.local_rows.start
         if self.mode == "flat":
-            return exact_topk(self._embeddings, queries, k, row_offset=start)
+            return blocks_topk(self._blocks, queries, k, row_offset=start)
         n_queries = queries.shape[0]
         if self._faiss is None:  # this rank holds no rows
             scores = torch.full((n_queries, k), float("-inf"), device=self.device)

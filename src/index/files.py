@@ -206,17 +206,51 @@ def read_rows(
     (`LOAD_THREADS`; copies and CRCs release the GIL). Each shard is checked against its manifest size, header and
     CRC32; UserError names the bad file (the first in row order when several are bad).
     """
-    info = manifest["embeddings"]
-    dtype = dtype or getattr(torch, info["dtype"])
+    dtype = dtype or getattr(torch, manifest["embeddings"]["dtype"])
     out = torch.empty((end - start, manifest["dim"]), dtype=dtype)  # (n_local, d)
-    entries = [entry for entry in info["shards"] if max(start, entry["start"]) < min(end, entry["end"])]
+    _for_each_shard(path, manifest, start, end, lambda *shard_rows: _copy_shard(*shard_rows, out, start))
+    return out
+
+
+def map_rows(path: str, manifest: dict[str, Any], start: int, end: int) -> list[torch.Tensor]:
+    """Embedding rows [start, end) as row blocks, one per overlapping shard, in row order: (n_i, dim) CPU tensors in
+    the saved dtype that are views of the memory-mapped shard files (nothing copied into process memory).
+
+    The files are mapped copy-on-write (a write to a block stays private; the files are never modified), so the
+    pages are the page cache's, shared by every process of the node. Each whole shard is CRC32-checked (by the
+    thread pool of `read_rows`) before the blocks are returned; UserError names the bad file.
+    """
+    blocks: dict[int, torch.Tensor] = {}
+
+    def keep(entry: dict, shard: np.ndarray, lo: int, hi: int) -> int:
+        blocks[entry["start"]] = torch.from_numpy(shard[lo:hi])
+        return zlib.crc32(shard)  # one call over the mapping: it releases the GIL
+
+    _for_each_shard(path, manifest, start, end, keep)
+    return [blocks[first] for first in sorted(blocks)]
+
+
+def _for_each_shard(path: str, manifest: dict[str, Any], start: int, end: int, visit) -> None:
+    """Open every shard overlapping rows [start, end) and call ``visit(entry, shard, lo, hi)`` with the mapped (n_i,
+    d) array and the shard rows [lo, hi) that fall in the range; it returns the whole shard's CRC32, checked here.
+    Shards are visited by a small thread pool (`LOAD_THREADS`); the error raised is the first bad shard's in row
+    order."""
+    shards = manifest["embeddings"]["shards"]
+    entries = [entry for entry in shards if max(start, entry["start"]) < min(end, entry["end"])]
+
+    def one(entry: dict) -> None:
+        shard = _open_shard(path, manifest, entry)
+        lo, hi = max(start, entry["start"]) - entry["start"], min(end, entry["end"]) - entry["start"]
+        if visit(entry, shard, lo, hi) != entry["crc32"]:
+            raise UserError(f"index file {os.path.join(path, entry['file'])} is corrupted (checksum mismatch)")
+
     threads = min(len(entries), LOAD_THREADS or min(8, _usable_cores()))
     if threads <= 1:
         for entry in entries:
-            _read_shard(path, manifest, entry, out, start)
-        return out
+            one(entry)
+        return
     with ThreadPoolExecutor(threads, thread_name_prefix="index-load") as pool:
-        futures = [pool.submit(_read_shard, path, manifest, entry, out, start) for entry in entries]
+        futures = [pool.submit(one, entry) for entry in entries]
         try:
             for future in futures:  # in row order, so the error named is the one a serial read would give
                 future.result()
@@ -224,7 +258,6 @@ def read_rows(
             for future in futures:  # do not read the remaining gigabytes of an index that failed to load
                 future.cancel()
             raise
-    return out
 
 
 def _usable_cores() -> int:
@@ -233,8 +266,8 @@ def _usable_cores() -> int:
     return os.cpu_count() or 1
 
 
-def _read_shard(path: str, manifest: dict[str, Any], entry: dict, out: torch.Tensor, start: int) -> None:
-    """Copy the rows of one shard that fall in ``out`` (global rows [start, start + len(out))); CRC the whole shard."""
+def _open_shard(path: str, manifest: dict[str, Any], entry: dict) -> np.ndarray:
+    """The shard's (n_i, d) array, memory-mapped copy-on-write, after checking its size, header, shape and dtype."""
     file_path = os.path.join(path, entry["file"])
     _check_size(file_path, entry)
     try:
@@ -246,18 +279,22 @@ def _read_shard(path: str, manifest: dict[str, Any], entry: dict, out: torch.Ten
     expected = (entry["end"] - entry["start"], manifest["dim"])
     if shard.shape != expected or shard.dtype != np.dtype(manifest["embeddings"]["dtype"]):
         raise UserError(f"index file {file_path} holds {shard.dtype}{shard.shape}, expected {expected}")
-    lo, hi = max(start, entry["start"]) - entry["start"], min(start + len(out), entry["end"]) - entry["start"]
+    return shard
+
+
+def _copy_shard(entry: dict, shard: np.ndarray, lo: int, hi: int, out: torch.Tensor, start: int) -> int:
+    """Copy shard rows [lo, hi) into ``out`` (global rows [start, start + len(out))) and return the whole shard's
+    CRC32, computed chunk by chunk in the same pass."""
     step = max(1, CHUNK_BYTES // max(1, shard.strides[0]))  # rows per chunk
+    offset = entry["start"] - start  # shard row -> row of `out`
     crc = 0
     for first in range(0, len(shard), step):
         last = min(first + step, len(shard))
         if max(first, lo) < min(last, hi):
             rows = slice(max(first, lo), min(last, hi))  # shard rows of this chunk that this rank keeps
-            offset = entry["start"] - start  # shard row -> row of `out`
             _copy_rows(out[rows.start + offset : rows.stop + offset], shard[rows])
         crc = zlib.crc32(shard[first:last], crc)  # the chunk is still in cache from the copy
-    if crc != entry["crc32"]:
-        raise UserError(f"index file {file_path} is corrupted (checksum mismatch)")
+    return crc
 
 
 def _copy_rows(dst: torch.Tensor, src: np.ndarray) -> None:

@@ -85,6 +85,26 @@ def exact_topk(
     return scores, rows
 
 
+# Candidate lists merged at once by `blocks_topk`: bounds the (B, MERGE_EVERY * k) sort when there are many blocks.
+MERGE_EVERY = 16
+
+
+def blocks_topk(
+    blocks: list[torch.Tensor], queries: torch.Tensor, k: int, row_offset: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`exact_topk` over row blocks (n_i, d) that follow each other (block i starts at row_offset + sum of the
+    earlier n_i): the same (B, k) scores and rows as over their concatenation (the order is total)."""
+    if len(blocks) == 1:
+        return exact_topk(blocks[0], queries, k, row_offset)
+    best: list[tuple[torch.Tensor, torch.Tensor]] = []
+    for block in blocks:
+        best.append(exact_topk(block, queries, k, row_offset))
+        row_offset += len(block)
+        if len(best) == MERGE_EVERY:
+            best = [sort_topk(torch.cat([s for s, _ in best], dim=1), torch.cat([r for _, r in best], dim=1), k)]
+    return sort_topk(torch.cat([s for s, _ in best], dim=1), torch.cat([r for _, r in best], dim=1), k)
+
+
 def _padded_candidates(
     all_scores: list[torch.Tensor], all_rows: list[torch.Tensor], n_queries: int, n_rows: int, k: int, device
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -96,6 +116,20 @@ def _padded_candidates(
     return torch.cat(all_scores, dim=1), torch.cat(all_rows, dim=1)
 
 
+# The CPU product is padded with zero rows to at least these sizes, so that a row's score has the same bits whatever
+# the chunk or block holding it: MKL's sgemv (one query) and its sgemm edge kernels (< 64 rows) sum in another order
+# than the bulk sgemm (measured: a one-query score depended on the chunk's size and offset). sgemm on two queries is
+# also ~3x faster than sgemv on one (memory-bound either way, 65,536 x 768 fp32).
+MIN_GEMM_QUERIES, MIN_GEMM_ROWS = 2, 64
+
+
+def _at_least(matrix: torch.Tensor, rows: int) -> torch.Tensor:
+    """``matrix`` (n, d), with zero rows appended up to ``rows`` rows when it has fewer."""
+    if len(matrix) >= rows:
+        return matrix
+    return torch.cat([matrix, matrix.new_zeros((rows - len(matrix), matrix.shape[1]))])
+
+
 def _exact_topk_cpu(
     embeddings: torch.Tensor, queries: torch.Tensor, k: int, row_offset: int, chunk_rows: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -104,11 +138,12 @@ def _exact_topk_cpu(
     chunk_rows = chunk_rows or CHUNK_ROWS
     n_queries, n_rows = queries.shape[0], embeddings.shape[0]
     device = embeddings.device
-    queries = queries.to(device=device, dtype=embeddings.dtype)
+    queries = _at_least(queries.to(device=device, dtype=embeddings.dtype), MIN_GEMM_QUERIES)  # (max(B, 2), d)
     all_scores, all_rows = [], []
     for start in range(0, n_rows, chunk_rows):
         chunk = embeddings[start : start + chunk_rows]  # (C, d)
-        chunk_scores = (chunk @ queries.T).T  # (C, d) @ (d, B) -> (C, B) -> (B, C)
+        scores = _at_least(chunk, MIN_GEMM_ROWS) @ queries.T  # (max(C, 64), d) @ (d, B') -> (C', B')
+        chunk_scores = scores[: len(chunk), :n_queries].T  # (B, C)
         values, columns = _chunk_topk(chunk_scores, k)  # (B, k')
         all_scores.append(values.float())
         all_rows.append(columns + (start + row_offset))

@@ -25,6 +25,7 @@ from src.index.files import (
     STORE_DIR,
     link_or_copy_store,
     make_manifest,
+    map_rows,
     new_temp_dir,
     open_store,
     publish,
@@ -114,14 +115,14 @@ def _save_flat_shards(
     torch_dtype = getattr(torch, dtype) if dtype else index.dtype
     world, n = index.world, len(index.store)
     rank_ranges = block_ranges(n, world.world_size)
-    mine, local = index.local_rows, index.local_embeddings
+    mine = index.local_rows
     entries: list[dict] = []
     error = None
     for shard, (start, end) in enumerate(block_ranges(n, min(n_shards, n))):
         holders = [r for r, (lo, hi) in enumerate(rank_ranges) if max(start, lo) < min(end, hi)]
         if world.rank not in holders:
             continue
-        piece = local[max(start, mine.start) - mine.start : min(end, mine.stop) - mine.start]
+        piece = index.embedding_rows(max(start, mine.start) - mine.start, min(end, mine.stop) - mine.start)
         piece = piece.to(torch_dtype)  # (rows of this shard held here, d)
         if world.rank != holders[0]:
             dist.send_tensor(piece, dst=holders[0])
@@ -177,9 +178,11 @@ def _load_local(path: str, world: World, cfg: IndexConfig) -> DistributedIndex:
     saved = manifest["faiss"]
     if saved is None:
         index = DistributedIndex(store, manifest["dim"], world, cfg, source_path=path)
-        # Read in the index's in-memory dtype (fp32 on CPU, fp16 on CUDA), so set_embeddings only moves it.
-        rows = read_rows(path, manifest, index.local_rows.start, index.local_rows.stop, index.dtype)  # (N_local, d)
-        index.set_embeddings(rows)
+        start, end = index.local_rows.start, index.local_rows.stop
+        if index.device.type == "cpu" and index.dtype == getattr(torch, manifest["embeddings"]["dtype"]):
+            index.set_embeddings(map_rows(path, manifest, start, end))  # searched in place: views of the files
+        else:  # read in the index's in-memory dtype (fp32 on CPU, fp16 on CUDA), so set_embeddings only moves it
+            index.set_embeddings(read_rows(path, manifest, start, end, index.dtype))  # (N_local, d)
         index.retriever_layernorm = manifest.get("retriever_layernorm")
         return index
     if cfg.mode != "faiss":
