@@ -60,6 +60,8 @@ class ModelConfig:
     with_reader: bool = True  # False with --retrieve_only
     with_retriever: bool = True  # False for closed-book and --use_file_passages runs that do not train it
     eager_attention: bool = False  # build the reader with eager attention (cross-attention probabilities)
+    reader_attention: str = "auto"  # --reader_attention (eager_attention overrides it)
+    compile: bool = False  # --compile: torch.compile the reader's encoder blocks and the retriever's layers
 
 
 @dataclass(frozen=True)

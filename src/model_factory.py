@@ -125,13 +125,15 @@ def build_model(
                 reader = fid.reader_from_config(config)
             else:
                 reader = fid.load_reader(cfg.reader_model_type, dropout=cfg.dropout)
-        if cfg.eager_attention:  # evalnormsum reads attention probabilities, which fused kernels do not return
-            reader.set_attn_implementation("eager")
+        # evalnormsum reads attention probabilities, which fused kernels do not return
+        fid.set_attention(reader, "eager" if cfg.eager_attention else cfg.reader_attention)
     if cfg.with_retriever:
         with hub_errors("--retriever_model_path", cfg.retriever_model_path):
             encoder = contriever.load_encoder(cfg.retriever_model_path, uncentered_layernorm(cfg, checkpoint))
         retriever = contriever.Retriever(encoder, query_side=query_side)
     enable_gradient_checkpointing(reader, retriever, cfg)
+    if cfg.compile:
+        compile_model(reader, retriever)
     model = Atlas(reader, retriever, atlas_cfg)
     if checkpoint:
         load_weights(model, adapt_retriever_keys(state, query_side), cfg)
@@ -146,6 +148,30 @@ def enable_gradient_checkpointing(reader, retriever, cfg: ModelConfig) -> None:
     if retriever is not None and cfg.use_gradient_checkpoint_retriever:
         for encoder in {id(m): m for m in (retriever.query_encoder, retriever.passage_encoder)}.values():
             encoder.gradient_checkpointing_enable(**kwargs)
+
+
+# Compiled graphs kept per function (torch's default: 8). A T5 block has one graph for the first block (which makes
+# the position bias) and one for the others, for each of train / eval-no-grad (the teacher, evaluation) and static /
+# dynamic lengths, and the same block code serves every T5 in the process: 8 was reached in one benchmark run, after
+# which torch runs the block eagerly without saying so in the step's figures.
+COMPILED_GRAPHS_PER_FUNCTION = 64
+
+
+def compile_model(reader, retriever) -> None:
+    """--compile: the reader's encoder blocks and the retriever's layers, each compiled in place (after the query-side
+    copy of the encoder is made: a compiled module does not deep-copy)."""
+    import torch._dynamo.config
+
+    limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"  # < 2.8
+    setattr(torch._dynamo.config, limit, max(getattr(torch._dynamo.config, limit), COMPILED_GRAPHS_PER_FUNCTION))
+    if reader is not None:
+        fid.compile_encoder(reader)
+    n_layers = 0
+    if retriever is not None:
+        for encoder in {id(m): m for m in (retriever.query_encoder, retriever.passage_encoder)}.values():
+            n_layers += contriever.compile_layers(encoder)
+    logger.info("--compile: %d reader encoder blocks and %d retriever layers compiled on first use",
+                len(reader.encoder.block) if reader is not None else 0, n_layers)  # fmt: skip
 
 
 def load_weights(model: Atlas, state: dict, cfg: ModelConfig) -> None:

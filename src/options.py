@@ -21,6 +21,7 @@ from src.hf_export import is_export, part_paths
 from src.index.distributed_index import MODES as INDEX_MODES
 from src.index.faiss_index import INDEX_TYPES as FAISS_INDEX_TYPES
 from src.index.refresh import parse_refresh_schedule
+from src.reader import ATTENTION as READER_ATTENTION
 from src.tasks import TASKS, UNIMPLEMENTED_TASKS
 
 logger = logging.getLogger(__name__)
@@ -260,6 +261,18 @@ def _add_optim_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--use_gradient_checkpoint_retriever", action="store_true", help="gradient checkpointing in retriever"
     )
+    g.add_argument(
+        "--reader_attention",
+        type=str,
+        default="auto",
+        choices=list(READER_ATTENTION),
+        help="the reader's attention kernels (transformers' implementations; evalnormsum needs eager and gets it)",
+    )
+    g.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the reader's encoder blocks and the retriever's layers (names and checkpoints unchanged)",
+    )
 
 
 def build_parser(mode: str) -> argparse.ArgumentParser:
@@ -378,6 +391,8 @@ def _validate(parser: argparse.ArgumentParser, opt: argparse.Namespace, mode: st
         err(f"--reader_model_type is required{extra} (a hub name or a local model directory)")
     if opt.shard_grads and not opt.shard_optim:
         err("--shard_grads requires --shard_optim")
+    if opt.compile and opt.shard_grads:
+        err("--compile with --shard_grads (FSDP2) is not supported yet: use --compile with --shard_optim or alone")
     if opt.query_side_retriever_training and not opt.train_retriever:
         err("--query_side_retriever_training requires --train_retriever")
     if opt.n_context > opt.retriever_n_context:

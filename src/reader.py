@@ -11,7 +11,13 @@ import torch.nn.functional as F
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, T5Config, T5ForConditionalGeneration
 from transformers.modeling_outputs import BaseModelOutput
 
+from src.errors import UserError
+
 logger = logging.getLogger(__name__)
+
+# --reader_attention: transformers' attention implementations for T5; auto keeps the model's default (sdpa in
+# transformers 5.x; 4.x T5 has eager only).
+ATTENTION = ("auto", "sdpa", "eager")
 
 
 def load_reader(name_or_path: str, dropout: float | None = None) -> T5ForConditionalGeneration:
@@ -39,6 +45,25 @@ def untie_lm_head(model: T5ForConditionalGeneration) -> T5ForConditionalGenerati
         if model.lm_head.weight.data_ptr() == model.shared.weight.data_ptr():
             model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())
     return model
+
+
+def set_attention(model: T5ForConditionalGeneration, implementation: str) -> None:
+    """Run every attention layer of the reader with transformers' ``implementation`` (one of ATTENTION)."""
+    if implementation in ("auto", model.config._attn_implementation):
+        return
+    try:
+        model.set_attn_implementation(implementation)
+    except (ValueError, ImportError) as err:  # e.g. transformers 4.x T5, which has no sdpa path
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"--reader_attention {implementation}: {reason}") from None
+
+
+def compile_encoder(model: T5ForConditionalGeneration) -> None:
+    """torch.compile each encoder block in place (`Module.compile`: module names, state-dict keys and checkpoints do
+    not change). The encoder reads B*K passages and does most of a FiD step's work; the decoder stays eager, as
+    generation calls it with another shape at every step."""
+    for block in model.encoder.block:
+        block.compile()
 
 
 def load_reader_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:

@@ -65,6 +65,15 @@ def load_encoder(name_or_path: str, uncentered_layernorm: bool = False) -> PreTr
     return encoder
 
 
+def compile_layers(encoder: PreTrainedModel) -> int:
+    """torch.compile each transformer layer of a BERT-family encoder in place (`Module.compile`: names and state-dict
+    keys unchanged); returns how many (0 for a family without `encoder.layer`)."""
+    layers = getattr(getattr(encoder, "encoder", None), "layer", None) or []
+    for layer in layers:
+        layer.compile()
+    return len(layers)
+
+
 def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
     return AutoTokenizer.from_pretrained(name_or_path)
 

@@ -153,10 +153,12 @@ def test_a_killed_run_resumes_bit_identically(demo, tmp_path, retriever):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("precision", ["bf16", "fp16"])
-def test_single_gpu_training_and_evaluation(demo, tmp_path, precision):
-    """On one GPU, train.py (retriever training included) and evaluate.py run under --precision with finite losses."""
-    args = common(demo, tmp_path) + ["--precision", precision, "--per_gpu_batch_size", "2"]
+@pytest.mark.parametrize("precision,kernels", [("bf16", []), ("fp16", []), ("bf16", ["--compile"]),
+                                               ("bf16", ["--compile", "--reader_attention", "eager"])])  # fmt: skip
+def test_single_gpu_training_and_evaluation(demo, tmp_path, precision, kernels):
+    """On one GPU, train.py (retriever training included) and evaluate.py run under --precision with finite losses,
+    also with the encoders compiled."""
+    args = common(demo, tmp_path) + ["--precision", precision, "--per_gpu_batch_size", "2", *kernels]
     trained = run(["train.py", *args, "--name", "gpu", "--train_retriever", "--total_steps", "4", "--log_freq", "1"])
     assert trained.returncode == 0, trained.stderr[-3000:]
     log = (tmp_path / "gpu" / "run.log").read_text()

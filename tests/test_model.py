@@ -215,3 +215,60 @@ def test_emdr_sequence_mixture_mixes_whole_targets(t5):
             likelihood += prior[b, k] * p_target
         total += -torch.log(likelihood)
     assert math.isclose(loss.item(), (total / 2).item(), rel_tol=1e-5)
+
+
+def test_compiled_model_equals_eager_and_keeps_its_names(t5, bert):
+    # --compile: the reader's encoder blocks and the retriever's layers run compiled (inductor's C++ backend here), with
+    # the eager model's losses and gradients (a query-side pdist step, padded passages), the same state-dict keys and
+    # the same checkpoint contents; the decoder stays eager (generation still runs).
+    import copy
+
+    from src.atlas import Atlas
+    from src.batching import Batch
+    from src.config import AtlasConfig
+    from src.model_factory import compile_model
+
+    torch.manual_seed(1)
+    cfg = AtlasConfig(n_context=3, retriever_n_context=3, train_retriever=True, gold_score_mode="ppmean")
+    eager = Atlas(copy.deepcopy(t5), Retriever(copy.deepcopy(bert), query_side=True), cfg).train()
+    compiled = copy.deepcopy(eager)
+    compile_model(compiled.reader, compiled.retriever)
+    assert all(block._compiled_call_impl is not None for block in compiled.reader.encoder.block)
+    assert all(layer._compiled_call_impl is not None for layer in compiled.retriever.query_encoder.encoder.layer)
+    ids, mask, labels = random_batch(B=2, K=3, L=9, T=4, seed=5)
+    mask[0, 1, 6:] = 0  # a padded passage
+    g = torch.Generator().manual_seed(6)
+    query_ids, query_mask = torch.randint(3, VOCAB, (2, 5), generator=g), torch.ones(2, 5, dtype=torch.long)
+    batch = Batch(ids, mask, labels, query_ids, query_mask, ids.view(6, 9), mask.view(6, 9), ids, mask)
+    results = []
+    for model in (eager, compiled):
+        losses = model(batch)
+        losses["loss"].backward()
+        grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+        results.append(({k: v.detach() for k, v in losses.items()}, grads))
+    (eager_losses, eager_grads), (compiled_losses, compiled_grads) = results
+    for name in ("reader_loss", "retriever_loss"):
+        torch.testing.assert_close(compiled_losses[name], eager_losses[name], rtol=1e-5, atol=1e-6)
+    assert compiled_grads.keys() == eager_grads.keys() and len(eager_grads) > 0
+    for name, grad in eager_grads.items():
+        torch.testing.assert_close(compiled_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+    assert list(compiled.state_dict()) == list(eager.state_dict())
+    compiled.load_state_dict(eager.state_dict())  # a checkpoint of the eager model loads as it is
+    assert compiled.generate(batch).shape[0] == 2
+
+
+def test_reader_attention_implementations_agree(t5):
+    # --reader_attention: transformers' eager and sdpa kernels give the same FiD loss (padding included); auto keeps
+    # the model's default.
+    import copy
+
+    ids, mask, labels = random_batch(B=2, K=3, L=8, seed=7)
+    mask[1, 2, 5:] = 0
+    losses = {}
+    for implementation in fid.ATTENTION:
+        model = copy.deepcopy(t5)
+        default = model.config._attn_implementation
+        fid.set_attention(model, implementation)
+        assert model.config._attn_implementation == (default if implementation == "auto" else implementation)
+        losses[implementation] = fid.forward(model, ids, mask, labels).loss
+    torch.testing.assert_close(losses["sdpa"], losses["eager"], rtol=1e-5, atol=1e-6)

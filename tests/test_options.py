@@ -24,6 +24,7 @@ from src.options import (
     parse_options,
     parse_settings,
 )
+from src.reader import ATTENTION as READER_ATTENTION
 from src.tasks import ORIGINAL_TASKS, TASKS, UNIMPLEMENTED_TASKS, Task
 
 SEED_README = Path(__file__).resolve().parents[1] / ".." / "shared" / "seed" / "atlas_README.md"
@@ -45,7 +46,8 @@ epsilon alpha beta2 refresh_index shuffle precision shard_optim shard_grads use_
 use_gradient_checkpoint_retriever
 """
 SEED_FLAGS = _SEED_FLAG_TEXT.split()
-NEW_FLAGS = ["faiss_nprobe", "uncentered_layernorm", "kl_reduction", "emdr_mixture", "passage_store_dir"]
+NEW_FLAGS = ["faiss_nprobe", "uncentered_layernorm", "kl_reduction", "emdr_mixture", "passage_store_dir",
+             "reader_attention", "compile"]  # fmt: skip
 DATA = ["--train_data", "t.jsonl", "--eval_data", "e.jsonl"]  # train.py and evaluate.py need data files
 BASE = ["--reader_model_type", "t5-small", "--passages", "p.jsonl", *DATA]
 MODES = ["train", "evaluate"]
@@ -248,6 +250,8 @@ T5 = ["--reader_model_type", "t5-small"]
         ("train", BASE + ["--retrieve_only"], "--retrieve_only"),
         ("evaluate", BASE + ["--retrieve_only", "--closed_book"], "--retrieve_only"),
         ("train", BASE + ["--shard_grads"], "--shard_optim"),
+        ("train", BASE + ["--compile", "--shard_optim", "--shard_grads"], "--compile"),
+        ("train", BASE + ["--reader_attention", "flash"], "--reader_attention"),
         ("train", T5, "--passages"),
         ("evaluate", T5, "--load_index_path"),
         ("train", BASE + ["--query_side_retriever_training"], "--train_retriever"),
@@ -356,6 +360,7 @@ def test_choice_lists_come_from_their_registries() -> None:
         cls = importlib.import_module(f"src.tasks.{name}").Task
         assert issubclass(cls, Task) and cls.name == name
     assert list(actions["gold_score_mode"].choices) == [*GOLD_SCORE_MODES, *GOLD_SCORE_ALIASES]
+    assert list(actions["reader_attention"].choices) == list(READER_ATTENTION)
     assert set(GOLD_SCORE_MODES) == {*GOLD_SCORE_FNS, "emdr"}
 
 
