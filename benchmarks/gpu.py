@@ -14,8 +14,9 @@ them next to the checkout on a machine without ``../shared``). Sections, in orde
   peak at B = 1024. Also checks that the scan ran with no host synchronisation (``torch.cuda.set_sync_debug_mode``)
   and that its top-k scores equal naive's.
 - ``embed``: index build (`src.index.embed_passages`, tokenising included) with BERT-base under bf16 autocast on the
-  bench passages (replicated), against the fp32 build (what ``--precision`` did not reach before) and tokenising
-  alone; limit = bf16 peak / FLOPs per passage; goal >= 15,000 passages/s.
+  bench passages (replicated), then with its layers compiled (``--compile``), against the fp32 build (what
+  ``--precision`` did not reach before) and tokenising alone; limit = bf16 peak / FLOPs per passage; goal >= 15,000
+  passages/s.
 
 - ``fid_step``: one training step (B = 1, K = 40, L = 512, 16 target tokens, bf16 autocast, AdamW) of Atlas at the
   released reader shapes (t5-base and t5-large lm-adapt, random init) with a BERT-base retriever: reader only, + query-
@@ -255,7 +256,7 @@ def section_embed(ctx: Context) -> list[Figure]:
     tokenizer alone."""
     from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
 
-    from src.retriever import PassageEmbedder, Retriever
+    from src.retriever import PassageEmbedder, Retriever, compile_layers
 
     device, sizes = ctx.device, ctx.sizes
     tokenizer = PreTrainedTokenizerFast.from_pretrained(str(ctx.bench_dir / "tokenizers" / "bert-base-uncased"))
@@ -286,18 +287,21 @@ def section_embed(ctx: Context) -> list[Figure]:
         ids = token_id_fn(tokenizer, sizes.embed_maxlength)(texts)  # what the build's tokenising thread runs
         tokenise_rate = len(texts) / (time.perf_counter() - started)
         mean_tokens = sum(len(x) for x in ids) / len(ids)
-        ours = build(store, "bf16" if device.type == "cuda" else "fp32")
+        precision = "bf16" if device.type == "cuda" else "fp32"
+        ours = build(store, precision)
         fp32 = build(small, "fp32")
+        compile_layers(embedder.retriever.passage_encoder)  # --compile; the warm-up build compiles every length
+        compiled = build(store, precision)
     limit = ctx.limits["bf16_peak"] / _passage_flops(config, mean_tokens)
     return [
         Figure(
             f"index build, BERT {config.hidden_size}x{config.num_hidden_layers}, {len(texts):,} passages "
             f"(mean {mean_tokens:.0f} tokens, max {sizes.embed_maxlength}), batch {sizes.embed_batch}, bf16",
-            f"{ours:,.0f} passages/s",
+            f"{ours:,.0f} passages/s; with --compile {compiled:,.0f} p/s",
             f"fp32 build {fp32:,.0f} p/s; tokenising alone (1 thread) {tokenise_rate:,.0f} p/s",
             f"{limit:,.0f} p/s ({_passage_flops(config, mean_tokens) / 1e9:.1f} GFLOP/passage at bf16 peak)",
             ">= 15,000 passages/s",
-            ours >= 15_000,
+            max(ours, compiled) >= 15_000,
         )
     ]
 

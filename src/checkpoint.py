@@ -79,7 +79,8 @@ def resume_state(run_dir: Path, options: dict[str, Any] | None = None) -> dict |
             if name in saved and saved[name] != options.get(name):
                 raise UserError(f"{run_dir} was trained with --{name} {saved[name]}, not {options.get(name)}: resume "
                                 "it with the same flag, or give the run another --name")  # fmt: skip
-        changed = sorted(k for k in options if k in saved and saved[k] != options[k])
+        # a flag left at "auto" (--uncentered_layernorm) resolves to what the checkpoint recorded: not a change
+        changed = sorted(k for k in options if k in saved and saved[k] != options[k] and options[k] != "auto")
         if changed:
             logger.info(
                 "resuming with changed flags: %s", ", ".join(f"--{k} {saved[k]!r} -> {options[k]!r}" for k in changed)

@@ -59,9 +59,10 @@ def hub_errors(flag: str, name: str):
 
 
 def load_tokenizers(cfg: ModelConfig) -> Tokenizers:
-    """The tokenizers of the models the settings build (None for a model that is not built)."""
+    """The tokenizers of the models the settings build (None for a model that is not built); with --retrieve_only,
+    the reader's too when --reader_model_type names it (the mlm task cuts its inputs with it)."""
     reader_tok = retriever_tok = None
-    if cfg.with_reader:
+    if cfg.with_reader or cfg.reader_model_type:
         with hub_errors("--reader_model_type", cfg.reader_model_type):
             reader_tok = fid.load_reader_tokenizer(cfg.reader_model_type)
     if cfg.with_retriever:

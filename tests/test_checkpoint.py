@@ -15,7 +15,7 @@ from src.checkpoint import (
     write_resume_state,
 )
 from src.errors import UserError
-from src.model_factory import build_model
+from src.model_factory import build_model, record_layernorm
 from src.options import parse_settings
 from src.retrieval import embed_queries
 from src.tasks import Example
@@ -116,13 +116,16 @@ def test_reader_only_checkpoint_pairs_with_the_pretrained_retriever(demo, tmp_pa
 def test_resume_refuses_a_dangling_latest_and_another_task_and_cleans_killed_saves(demo, tmp_path, caplog):
     settings = options(demo, tmp_path)
     model, _ = build(settings)
-    save(settings, 3, model)
+    recorded = record_layernorm(settings, model)  # what a run saves: auto resolved to on/off
+    save(recorded, 3, model)
     directory = settings.run_dir / "checkpoint"
     (directory / "step-3" / "tmpabc.tmp").write_bytes(b"half a checkpoint")  # a save killed before its rename
     with caplog.at_level(logging.INFO):
         assert resume_state(settings.run_dir, {**settings.options, "lr": 0.5})["step"] == 3
     assert not (directory / "step-3" / "tmpabc.tmp").exists()
     assert f"--lr {settings.options['lr']!r} -> 0.5" in caplog.text
+    assert recorded.options["uncentered_layernorm"] == "off" and settings.options["uncentered_layernorm"] == "auto"
+    assert "--uncentered_layernorm" not in caplog.text  # auto resolves to what was recorded: not a change
     with pytest.raises(UserError, match="was trained with --task qa, not mlm"):
         resume_state(settings.run_dir, {**settings.options, "task": "mlm"})
     (directory / "latest").unlink()

@@ -147,7 +147,7 @@ def test_mlm_on_the_t5_tokenizer(demo):
 
 
 def test_mlm_needs_the_reader_tokenizer_and_sane_flags():
-    with pytest.raises(UserError, match=r"task 'mlm' needs the reader's tokenizer \(--reader_model_type\)"):
+    with pytest.raises(UserError, match=r"task 'mlm' needs the reader's tokenizer: pass --reader_model_type"):
         build_task("mlm", {}, None)
     with pytest.raises(UserError, match="--mlm_noise_density"):
         build_task("mlm", {"mlm_noise_density": 1.5}, WordTokenizer())

@@ -68,6 +68,19 @@ def test_retrieve_only_reports_recall_and_writes_scores(demo, trained):
     assert scores == sorted(scores, reverse=True) and all("id" in p for p in row["passages"])
 
 
+def test_mlm_retrieve_only_masks_its_queries_with_the_reader_tokenizer(demo, trained):
+    # --retrieve_only loads no reader, but the mlm task cuts its inputs with the reader's tokenizer: it is loaded.
+    args = common(demo, trained) + [
+        "--name", "mlm-retrieve", "--task", "mlm", "--eval_data", str(demo / "data/pretrain.jsonl"),
+        "--retrieve_only", "--write_results",
+    ]  # fmt: skip
+    result = run(["evaluate.py", *args])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "pretrain/recall@1:" in result.stdout
+    row = json.loads((trained / "mlm-retrieve/pretrain-step-0.jsonl").read_text().splitlines()[0])
+    assert "<extra_id_0>" in row["query"] and len(row["passages"]) == 2
+
+
 def test_user_mistakes_end_in_one_line(demo, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"question": "q", "answers": ["a"]}\n{"question": \n')

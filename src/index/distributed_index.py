@@ -163,11 +163,13 @@ class DistributedIndex:
         blocks = [b.detach() for b in blocks]
         if self.mode == "flat":
             if not all(b.device == self.device and b.dtype == self.dtype and b.is_contiguous() for b in blocks):
-                blocks = [torch.cat([b.to(device=self.device, dtype=self.dtype) for b in blocks]).contiguous()]
+                moved = [b.to(device=self.device, dtype=self.dtype) for b in blocks]
+                blocks = [(moved[0] if len(moved) == 1 else torch.cat(moved)).contiguous()]  # one block: no 2nd copy
             self._blocks = blocks
         else:
             self._blocks, self._faiss = [], None
-            vectors = torch.cat(blocks).float()  # (N_local, d) float32; stays on the GPU for GPU faiss
+            vectors = blocks[0] if len(blocks) == 1 else torch.cat(blocks)
+            vectors = vectors.float()  # (N_local, d) float32; stays on the GPU for GPU faiss
             if len(vectors) > 0:
                 self._faiss = faiss_index.build_index(
                     vectors if self._faiss_gpu is not None else vectors.cpu().numpy(),

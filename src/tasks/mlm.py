@@ -90,8 +90,8 @@ class Task(CorpusTask):
         **_options,
     ) -> None:
         super().__init__(min_words_per_lm_instance)
-        if tokenizer is None:
-            raise UserError("task 'mlm' needs the reader's tokenizer (--reader_model_type)")
+        if tokenizer is None:  # also with --retrieve_only, which loads the tokenizer but no reader
+            raise UserError("task 'mlm' needs the reader's tokenizer: pass --reader_model_type")
         if not 0 < mlm_noise_density < 1:
             raise UserError(f"--mlm_noise_density must be between 0 and 1 (exclusive), got {mlm_noise_density}")
         if not mlm_mean_noise_span_length > 0:
