@@ -406,6 +406,28 @@ def test_fp32_shards_are_searched_where_they_are_mapped(tmp_path):
     assert load_index(path, WORLD).local_embeddings.numpy().tobytes() == embeddings.tobytes()
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_shards_of_another_dtype_or_device_are_copied_into_one_matrix(tmp_path, device):
+    # fp16 shards for a CPU index, and any shards for a CUDA one (fp16 there): each mapped shard is converted
+    # straight into its rows of one matrix, with the values a whole-matrix conversion gives.
+    rng = np.random.default_rng(16)
+    embeddings = rng.standard_normal((50, 8)).astype(np.float32)
+    world = World(0, 0, 1, torch.device(device))
+    for shard_dtype in ("float16", "float32"):
+        (tmp_path / shard_dtype).mkdir()
+        path = saved_flat(tmp_path / shard_dtype, embeddings, 4, shard_dtype)
+        loaded = load_index(path, world)
+        want = torch.as_tensor(embeddings.astype(shard_dtype)).to(loaded.dtype)
+        if device == "cpu" and shard_dtype == "float32":
+            assert len(loaded.embedding_blocks) == 4  # mapped, not copied
+            continue
+        assert len(loaded.embedding_blocks) == 1 and loaded.local_embeddings.device.type == device
+        assert torch.equal(loaded.local_embeddings.cpu(), want)
+        blocks = [torch.as_tensor(embeddings[a:b]).to(torch.float16) for a, b in ((0, 7), (7, 30), (30, 50))]
+        loaded.set_embeddings(blocks)  # the same from tensors in memory
+        assert torch.equal(loaded.local_embeddings.cpu(), torch.cat(blocks).to(loaded.dtype))
+
+
 def test_blocks_search_equals_the_whole_matrix():
     # Any cut of a shard into row blocks gives the scores and rows of the whole matrix, bit for bit.
     generator = torch.Generator().manual_seed(15)

@@ -47,6 +47,19 @@ class LocalPassages(Sequence):
         return self.store.get(self.rows[i])
 
 
+def _joined(blocks: list[torch.Tensor], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """Row blocks as one contiguous (sum n_i, d) tensor on ``device`` in ``dtype``, each block copied (and converted)
+    straight into its rows: no second copy, and no host buffer for blocks that are memory-mapped files."""
+    if len(blocks) == 1:
+        return blocks[0].to(device=device, dtype=dtype).contiguous()
+    out = torch.empty((sum(len(b) for b in blocks), blocks[0].shape[1]), dtype=dtype, device=device)
+    first = 0
+    for block in blocks:
+        out[first : first + len(block)].copy_(block)
+        first += len(block)
+    return out
+
+
 class DistributedIndex:
     """Exact MIPS (or faiss) index sharded over ranks: rank r holds a contiguous block of store rows and their
     embeddings (N_local, d). Flat mode keeps fp32 on CPU (fastest here) and fp16 on CUDA.
@@ -163,8 +176,7 @@ class DistributedIndex:
         blocks = [b.detach() for b in blocks]
         if self.mode == "flat":
             if not all(b.device == self.device and b.dtype == self.dtype and b.is_contiguous() for b in blocks):
-                moved = [b.to(device=self.device, dtype=self.dtype) for b in blocks]
-                blocks = [(moved[0] if len(moved) == 1 else torch.cat(moved)).contiguous()]  # one block: no 2nd copy
+                blocks = [_joined(blocks, self.device, self.dtype)]
             self._blocks = blocks
         else:
             self._blocks, self._faiss = [], None

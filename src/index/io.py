@@ -179,9 +179,10 @@ def _load_local(path: str, world: World, cfg: IndexConfig) -> DistributedIndex:
     if saved is None:
         index = DistributedIndex(store, manifest["dim"], world, cfg, source_path=path)
         start, end = index.local_rows.start, index.local_rows.stop
-        if index.device.type == "cpu" and index.dtype == getattr(torch, manifest["embeddings"]["dtype"]):
-            index.set_embeddings(map_rows(path, manifest, start, end))  # searched in place: views of the files
-        else:  # read in the index's in-memory dtype (fp32 on CPU, fp16 on CUDA), so set_embeddings only moves it
+        if index.device.type != "cpu" or index.dtype == getattr(torch, manifest["embeddings"]["dtype"]):
+            # CPU: searched in place (views of the files); CUDA: each mapped shard is copied into the device matrix
+            index.set_embeddings(map_rows(path, manifest, start, end))
+        else:  # fp16 shards for a CPU index: converted to fp32 as they are read (one copy, CRC in the same pass)
             index.set_embeddings(read_rows(path, manifest, start, end, index.dtype))  # (N_local, d)
         index.retriever_layernorm = manifest.get("retriever_layernorm")
         return index
