@@ -217,8 +217,8 @@ def map_rows(path: str, manifest: dict[str, Any], start: int, end: int) -> list[
     the saved dtype that are views of the memory-mapped shard files (nothing copied into process memory).
 
     The files are mapped copy-on-write (a write to a block stays private; the files are never modified), so the
-    pages are the page cache's, shared by every process of the node. Each whole shard is CRC32-checked (by the
-    thread pool of `read_rows`) before the blocks are returned; UserError names the bad file.
+    pages are the page cache's, shared by every process of the node. Each whole shard is CRC32-checked (on the
+    same thread pool as `read_rows`) before the blocks are returned; UserError names the bad file.
     """
     blocks: dict[int, torch.Tensor] = {}
 
