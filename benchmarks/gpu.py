@@ -22,7 +22,9 @@ them next to the checkout on a machine without ``../shared``). Sections, in orde
   released reader shapes (t5-base and t5-large lm-adapt, random init) with a BERT-base retriever: reader only, + query-
   side pdist retriever training, + reader gradient checkpointing; for t5-large also with ``--reader_attention eager``
   (transformers 5 defaults to sdpa, which folds T5's position bias into a per-layer fp32 mask) and with ``--compile``
-  (encoder blocks and retriever layers compiled; the first step's compile time is shown). Each with its time, MFU
+  (encoder blocks and retriever layers compiled; the first step's compile time is shown). Query-side retriever
+  training reads the passages' vectors from the index as train.py does (random vectors here); one variant re-embeds
+  them as the original did. Each with its time, MFU
   (the reader's forward and backward plus the teacher's forward, counted by torch's FlopCounterMode without
   recomputation, over step time x the bf16 peak), peak memory and the parts (tokenising, query embedding, the teacher
   alone, forward, backward, optimizer, the device synchronised between them). Goal: >= 30% MFU for t5-large with
@@ -363,8 +365,10 @@ def _fid_flops(model, batch) -> float:
     return float(counter.get_total_flops())
 
 
-def _timed_step(model, optimizer, tokenizers, examples, passages, device) -> dict[str, float]:
-    """One training step (B = 1) split into its parts, the device synchronised between them: seconds per part."""
+def _timed_step(model, optimizer, tokenizers, examples, passages, device, reembed=False) -> dict[str, float]:
+    """One training step (B = 1) split into its parts, the device synchronised between them: seconds per part. With
+    retriever training the passages' vectors come as train.py's query-side step reads them from the index (random
+    here), unless ``reembed`` (the original's way: the frozen passage encoder embeds them again)."""
     from src.batching import collate
     from src.gold_scores import ppmean_scores
     from src.precision import autocast, inference_autocast
@@ -380,7 +384,11 @@ def _timed_step(model, optimizer, tokenizers, examples, passages, device) -> dic
 
     synchronize(device)
     t = time.perf_counter()
-    batch = collate(examples, passages, tokenizers, model.config, retriever=train_retriever).to(device)
+    vectors = None
+    if train_retriever and not reembed:
+        vectors = torch.randn(len(examples), len(passages[0]), model.retriever.dim, device=device)  # (B, K, D)
+    batch = collate(examples, passages, tokenizers, model.config, retriever=train_retriever, passage_vectors=vectors)
+    batch = batch.to(device)
     t = mark("tokenising (collate)", t)
     query = tokenizers.retriever([e.query for e in examples], return_tensors="pt", padding=True)
     with inference_autocast(precision, device):
@@ -417,6 +425,7 @@ FID_KERNEL_VARIANTS = (
     ("reader only, --compile, eager attention", False, False, "eager", True),
     ("+ retriever, --compile, eager attention", True, False, "eager", True),
     ("+ retriever, --compile, sdpa", True, False, "sdpa", True),
+    ("+ retriever, passages re-embedded (the original)", True, False, "auto", False),
 )
 
 
@@ -448,9 +457,10 @@ def section_fid_step(ctx: Context) -> list[Figure]:
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
             started = time.perf_counter()
-            _timed_step(model, optimizer, tokenizers, examples[:1], passages[:1], device)  # warm-up (compiles)
+            reembed = "re-embedded" in name
+            _timed_step(model, optimizer, tokenizers, examples[:1], passages[:1], device, reembed)  # warm-up, compiles
             warm_up = time.perf_counter() - started
-            runs = [_timed_step(model, optimizer, tokenizers, examples[i : i + 1], passages[i : i + 1], device)
+            runs = [_timed_step(model, optimizer, tokenizers, examples[i : i + 1], passages[i : i + 1], device, reembed)
                     for i in range(1, 1 + sizes.fid_steps)]  # fmt: skip
             parts = {k: min(r[k] for r in runs) for k in runs[0]}
             step = parts.pop("step")

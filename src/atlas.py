@@ -73,8 +73,11 @@ class Atlas(nn.Module):
     def retriever_loss(self, batch: Batch) -> dict[str, torch.Tensor]:
         """Distil the reader's gold scores over all retriever_n_context passages into the retriever's scores."""
         query_emb = self.retriever.embed_queries(batch.query_ids, batch.query_mask)  # (B, D)
-        passage_emb = self.retriever.embed_passages(batch.passage_ids, batch.passage_mask)  # (B*K, D)
-        passage_emb = passage_emb.view(query_emb.shape[0], -1, passage_emb.shape[-1])  # (B, K, D)
+        if batch.passage_vectors is not None:  # query side: the frozen passage encoder's vectors, read from the index
+            passage_emb = batch.passage_vectors.to(query_emb.dtype)  # (B, K, D)
+        else:
+            passage_emb = self.retriever.embed_passages(batch.passage_ids, batch.passage_mask)  # (B*K, D)
+            passage_emb = passage_emb.view(query_emb.shape[0], -1, passage_emb.shape[-1])  # (B, K, D)
         retriever_scores = torch.einsum("bd,bkd->bk", query_emb, passage_emb)  # (B, K)
         reader_inputs = (batch.teacher_ids, batch.teacher_mask, batch.labels)
         cfg = self.config

@@ -36,6 +36,7 @@ class Batch:
     query_mask: torch.Tensor | None = None  # (B, Lq)
     passage_ids: torch.Tensor | None = None  # (B*K', Lp) retriever passage tokens, K' = retriever_n_context
     passage_mask: torch.Tensor | None = None  # (B*K', Lp)
+    passage_vectors: torch.Tensor | None = None  # (B, K', D) the index's vectors, instead of passage_ids (query side)
     teacher_ids: torch.Tensor | None = None  # (B, K', L) reader inputs of the K' passages (reader_ids when K' == K)
     teacher_mask: torch.Tensor | None = None  # (B, K', L)
     choice_position: torch.Tensor | None = None  # (B,) multiple choice: the target position where options differ
@@ -162,8 +163,11 @@ def collate(
     *,
     targets: bool = True,
     retriever: bool = False,
+    passage_vectors: torch.Tensor | None = None,
 ) -> Batch:
-    """The batch the model reads: reader inputs, and the targets and retriever inputs when asked for."""
+    """The batch the model reads: reader inputs, and the targets and retriever inputs when asked for. Given the
+    retrieved passages' index vectors (B, K', D) (query-side training), the passages are not tokenised for the
+    retriever."""
     ids, mask = reader_tokens(tokenizers, examples, passages, cfg.n_context, cfg)
     batch = Batch(ids, mask)
     if targets:
@@ -177,7 +181,9 @@ def collate(
         k = cfg.retriever_n_context
         passage_lists = pad_passages(passages, k)
         batch.query_ids, batch.query_mask = retriever_tokens(tokenizers, [ex.query for ex in examples], cfg)
-        batch.passage_ids, batch.passage_mask = retriever_passage_tokens(tokenizers, passage_lists, cfg)
+        if passage_vectors is None:
+            batch.passage_ids, batch.passage_mask = retriever_passage_tokens(tokenizers, passage_lists, cfg)
+        batch.passage_vectors = passage_vectors
         if k == cfg.n_context:  # the reader's inputs already hold these passages: tokenise them once
             batch.teacher_ids, batch.teacher_mask = ids, mask
         else:

@@ -15,23 +15,20 @@ from src.tasks import Example
 logger = logging.getLogger(__name__)
 
 
-def filter_own_passage(
-    examples: list[Example], passages: list[list[dict]], scores: torch.Tensor, k: int
-) -> tuple[list[list[dict]], torch.Tensor]:
-    """Move passages whose `id` equals the instance's `metadata["id"]` behind the others (dropped when k others exist).
+def own_passage_last(examples: list[Example], passages: list[list[dict]], k: int) -> list[list[int]]:
+    """Per example, the order that moves passages whose `id` equals the instance's `metadata["id"]` behind the others
+    (so they are dropped when k others exist).
 
     When fewer than k others remain, the filtered ones refill the list at the end, with a warning, as the original.
     """
-    kept_passages, kept_scores = [], []
-    for ex, ps, sc in zip(examples, passages, scores.tolist()):
+    orders = []
+    for ex, ps in zip(examples, passages):
         own = str(ex.metadata.get("id", "\0no id"))
         order = [i for i, p in enumerate(ps) if str(p.get("id")) != own]
         if len(order) < min(k, len(ps)):
             logger.warning("filtering: fewer than %d other passages for instance %s; refilling", k, own)
-        order += [i for i, p in enumerate(ps) if str(p.get("id")) == own]
-        kept_passages.append([ps[i] for i in order])
-        kept_scores.append([sc[i] for i in order])
-    return kept_passages, torch.tensor(kept_scores, dtype=scores.dtype).reshape(scores.shape)
+        orders.append(order + [i for i, p in enumerate(ps) if str(p.get("id")) == own])
+    return orders
 
 
 def embed_queries(model: Atlas, tokenizers: Tokenizers, queries: list[str]) -> torch.Tensor:
@@ -56,23 +53,41 @@ def retrieve(
     With --retrieve_with_rerank, retrieve n_to_rerank and keep the k best under the current passage encoder.
     Queries and reranked passages are embedded under --precision (autocast on CUDA; fp32 on CPU).
     """
+    passages, scores, _ = retrieve_with_rows(model, tokenizers, index, examples, k, filter_by_id)
+    return passages, scores
+
+
+def retrieve_with_rows(
+    model: Atlas,
+    tokenizers: Tokenizers,
+    index: DistributedIndex,
+    examples: list[Example],
+    k: int,
+    filter_by_id: bool = False,
+) -> tuple[list[list[dict]], torch.Tensor, torch.Tensor]:
+    """`retrieve`, with each passage's store row as well: passages, scores (B, k) and rows (B, k), -1 where an
+    example has fewer than k passages."""
     cfg = model.config
     with inference_autocast(index.cfg.precision, model.device):  # --precision, as the index build
         query_emb = embed_queries(model, tokenizers, [ex.query for ex in examples])  # (B, D)
     n = k * cfg.filtering_overretrieve_ratio if filter_by_id else k
     if cfg.retrieve_with_rerank:
         n = max(n, cfg.n_to_rerank_with_retrieve_with_rerank)
-    scores, rows = index.search(query_emb, n)  # (B, n), (B, n)
+    scores, rows = index.search(query_emb, n)  # (B, n), (B, n); rows of -1 (no hit) are last
     passages = index.passages(rows)
     if cfg.retrieve_with_rerank and examples:
         with inference_autocast(index.cfg.precision, model.device):
             scores = model.rescore(query_emb, *retriever_passage_tokens(tokenizers, passages, cfg))  # (B, n), fresh
         order = scores.argsort(dim=1, descending=True, stable=True)  # (B, n)
-        scores = scores.gather(1, order)
+        scores, rows = scores.gather(1, order), rows.gather(1, order.to(rows.device))
         passages = [[ps[j] for j in row] for ps, row in zip(passages, order.tolist())]
-    if filter_by_id:
-        passages, scores = filter_own_passage(examples, passages, scores, k)
-    return [ps[:k] for ps in passages], scores[:, :k]
+    if filter_by_id and examples:
+        orders = own_passage_last(examples, passages, k)
+        orders = [order + list(range(len(order), scores.shape[1])) for order in orders]  # the missing hits stay last
+        scores = torch.stack([line[order] for line, order in zip(scores, orders)]).reshape(scores.shape)
+        rows = torch.stack([line[order] for line, order in zip(rows, orders)]).reshape(rows.shape)
+        passages = [[ps[i] for i in order if i < len(ps)] for ps, order in zip(passages, orders)]
+    return [ps[:k] for ps in passages], scores[:, :k], rows[:, :k]
 
 
 def passages_for(

@@ -53,6 +53,12 @@ def check_searches(index: DistributedIndex, embeddings: np.ndarray, rank: int, w
         assert rows.shape == (len(mine), min(k, N_PASSAGES)), rows.shape
         np.testing.assert_array_equal(rows.numpy(), ref_rows, err_msg=f"rank {rank} k {k}")
         np.testing.assert_allclose(scores.numpy(), ref_scores, atol=1e-5, rtol=1e-5)
+        if index.mode == "flat" and k == 40:  # the rows' vectors, held by other ranks too (collective)
+            asked = rows.clone()
+            asked[:, -1] = -1  # no passage: zeros
+            want = embeddings[np.maximum(asked.numpy(), 0)].astype(np.float32)  # (B, k, d)
+            want[asked.numpy() < 0] = 0.0
+            np.testing.assert_array_equal(index.vectors(asked).numpy(), want)
     only_last = mine if rank == world_size - 1 else mine[:0]  # every rank but one asks nothing
     rows = index.search(torch.from_numpy(only_last), 3)[1]
     np.testing.assert_array_equal(rows.numpy(), brute_force(embeddings, only_last, 3)[1])

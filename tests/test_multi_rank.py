@@ -37,11 +37,13 @@ def test_one_training_line_trains_on_two_ranks(demo, tmp_path):
     one = tmp_path / "one.jsonl"
     one.write_text((demo / "data/train.jsonl").read_text().splitlines()[0] + "\n")
     result = run([*TORCHRUN, "train.py", *common(demo, tmp_path), "--name", "one", "--train_data", str(one),
-                  "--total_steps", "2", "--log_freq", "1"])  # fmt: skip
+                  "--total_steps", "2", "--log_freq", "1", "--train_retriever",
+                  "--query_side_retriever_training"])  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     assert (
         "1 training lines < 4 (processes x batch): each used 4 times" in result.stderr and "step 2/2" in result.stderr
     )
+    assert "the retriever loss reads the passages' vectors from the index" in result.stderr  # a collective, 2 ranks
 
 
 def test_two_ranks_write_the_same_rows_in_the_same_order_with_the_same_metrics(demo, tmp_path):

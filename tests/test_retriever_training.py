@@ -12,7 +12,7 @@ from src.gold_scores import emdr_loss
 from src.index.refresh import build_index, refresh_index
 from src.model_factory import build_model
 from src.options import parse_settings
-from src.retrieval import embed_queries, retrieve
+from src.retrieval import embed_queries, retrieve, retrieve_with_rows
 from src.tasks import Example, build_task
 from src.training import Trainer
 from tests.conftest import demo_args
@@ -60,6 +60,42 @@ def test_query_side_training_moves_only_the_query_encoder(setup):
     query_keys = [k for k in before if k.startswith("query_contriever.")]
     assert passage_keys and all(torch.equal(before[k], after[k]) for k in passage_keys)
     assert any(not torch.equal(before[k], after[k]) for k in query_keys)
+
+
+def test_query_side_loss_reads_the_index_vectors_and_equals_re_embedding(setup, monkeypatch):
+    # Query-side training reads the retrieved passages' vectors from the index instead of re-embedding them with the
+    # frozen passage encoder: same loss and query-encoder gradients (fp32 here), and no passage is tokenised or
+    # embedded for the retriever.
+    settings, model, tokenizers, index = setup("--query_side_retriever_training")
+    model.eval()  # no dropout: the two runs see the same query embedding
+    examples = [
+        Example("question: where was he born? answer: <extra_id_0>", "<extra_id_0> Paris", ["Paris"]),
+        Example("question: who founded the academy? answer: <extra_id_0>", "<extra_id_0> Ab", ["Ab"]),
+    ]
+    passages, _, rows = retrieve_with_rows(model, tokenizers, index, examples, 3)
+    vectors = index.vectors(rows)  # (B, 3, D)
+    assert torch.equal(vectors, index.local_embeddings[rows])
+    results = []
+    for given in (None, vectors):
+        model.zero_grad()
+        batch = collate(examples, passages, tokenizers, model.config, retriever=True, passage_vectors=given)
+        assert (batch.passage_ids is None) == (given is not None)
+        loss = model.retriever_loss(batch)["retriever_loss"]
+        loss.backward()
+        grads = [p.grad.clone() for p in model.retriever.query_encoder.parameters() if p.grad is not None]
+        results.append((loss.detach(), grads))
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-5, atol=1e-6)
+    for got, want in zip(results[1][1], results[0][1]):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+    # The trainer takes this path: the passage encoder never runs during its steps.
+    task = build_task("qa", settings.options)
+    batches = TrainingBatches(load_instances(list(settings.train_data), task), task, 2, False, 0)
+    trainer = Trainer(model, tokenizers, index, task, settings, CPU)
+    assert trainer.reads_index_vectors
+    calls = []
+    monkeypatch.setattr(model.retriever, "embed_passages", lambda *a: calls.append(a))
+    losses = trainer.train_step(batches, 1)
+    assert not calls and losses["retriever_loss"] > 0
 
 
 def test_refresh_makes_the_index_match_fresh_embeddings(setup):

@@ -248,6 +248,24 @@ class DistributedIndex:
             rows = torch.cat([rows, torch.full(fill, PAD_ROW, dtype=torch.int64, device=rows.device)], dim=1)  # (B, k)
         return sort_topk(scores, rows, k)  # faiss's order among equal scores is unspecified
 
+    @torch.no_grad()
+    def vectors(self, rows: torch.Tensor) -> torch.Tensor:
+        """COLLECTIVE (flat mode): the embeddings of global store rows (B_local, k) -> (B_local, k, d) float32 on the
+        rows' device, zeros where a row is -1. Every rank calls it equally often (with 0 rows if it has none): the
+        rows are all-gathered, each rank fills in the vectors it holds, and one all-reduce sums the (exact) parts."""
+        if self.mode != "flat" or not self._ready:
+            raise ValueError("vectors needs a flat index with embeddings")
+        all_rows, sizes = dist.all_gather_varsize(rows.to(self.device))  # (B_total, k)
+        out = torch.zeros((*all_rows.shape, self.dim), dtype=torch.float32, device=self.device)  # (B_total, k, d)
+        first = self.local_rows.start  # global row of the block's first row
+        for block in self._blocks:  # one block, or one per memory-mapped shard
+            held = (all_rows >= first) & (all_rows < first + len(block))  # (B_total, k)
+            out[held] = block[all_rows[held] - first].float()
+            first += len(block)
+        dist.all_reduce_sum(out)  # each row is held by one rank: the others add exact zeros
+        offset = sum(sizes[: self.world.rank])
+        return out[offset : offset + rows.shape[0]].to(rows.device)
+
     def passages(self, rows: torch.Tensor) -> list[list[dict]]:
         """Passage dicts for (B, k) global rows, read from the store; rows of -1 (no hit) are skipped."""
         return [[self.store.get(r) for r in line if r >= 0] for line in rows.tolist()]
