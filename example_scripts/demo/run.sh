@@ -57,7 +57,7 @@ echo "== closed-book baseline (T5 alone) in the background: the same MLM and QA 
 mkdir -p "$RUNS"
 closed_book > "$RUNS/closed_book.em" 2> "$RUNS/closed_book.log" &
 BASELINE=$!
-trap 'pkill -P "$BASELINE" 2>/dev/null; kill "$BASELINE" 2>/dev/null || true' EXIT
+trap 'pkill -P "$BASELINE" 2>/dev/null || true; kill "$BASELINE" 2>/dev/null || true' EXIT
 
 echo "== Atlas: MLM pretraining of the reader, retrieving (the index is embedded once and saved)"
 python train.py "${COMMON[@]}" "${TRAIN[@]}" "${MLM[@]}" "${RETRIEVER[@]}" --retriever_n_context 1 --name atlas_mlm \
