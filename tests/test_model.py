@@ -239,7 +239,8 @@ def test_compiled_model_equals_eager_and_keeps_its_names(t5, bert):
     mask[0, 1, 6:] = 0  # a padded passage
     g = torch.Generator().manual_seed(6)
     query_ids, query_mask = torch.randint(3, VOCAB, (2, 5), generator=g), torch.ones(2, 5, dtype=torch.long)
-    batch = Batch(ids, mask, labels, query_ids, query_mask, ids.view(6, 9), mask.view(6, 9), ids, mask)
+    batch = Batch(ids, mask, labels, query_ids=query_ids, query_mask=query_mask, passage_ids=ids.view(6, 9),
+                  passage_mask=mask.view(6, 9), teacher_ids=ids, teacher_mask=mask)  # fmt: skip
     results = []
     for model in (eager, compiled):
         losses = model(batch)
