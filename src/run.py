@@ -73,21 +73,26 @@ def setup(argv: list[str] | None, mode: str) -> Run:
 
 
 def main_guard(fn: Callable[[], None]) -> None:
-    """Run an entry point: user mistakes end in one line on stderr and exit status 2; always tear down."""
+    """Run an entry point: user mistakes end in one line on stderr and exit status 2; always tear down (see
+    `distributed.end_process`)."""
+    status = 0
     try:
-        fn()
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
-    except RuntimeError as err:
-        if not dist.is_peer_failure(err):
-            raise
-        # Another process failed (its own message says why) and this one's collective lost its connection: one line,
-        # not a traceback that would bury that message.
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0].split(" This is typically")[0]
-        print(f"error: rank {dist.rank()}: another process ended during a collective ({first})", file=sys.stderr)
-        sys.exit(1)
-    except KeyboardInterrupt:
-        sys.exit(130)
-    finally:
+        try:
+            fn()
+        except UserError as err:
+            print(f"error: {err}", file=sys.stderr)
+            status = 2
+        except RuntimeError as err:
+            if not dist.is_peer_failure(err):
+                raise
+            # Another process failed (its own message says why) and this one's collective lost its connection: one
+            # line, not a traceback that would bury that message.
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0].split(" This is typically")[0]
+            print(f"error: rank {dist.rank()}: another process ended during a collective ({first})", file=sys.stderr)
+            status = 1
+        except KeyboardInterrupt:
+            status = 130
+    except BaseException:
         dist.destroy_distributed()
+        raise
+    dist.end_process(status)

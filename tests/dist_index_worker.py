@@ -19,7 +19,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from src.config import IndexConfig  # noqa: E402
-from src.distributed import barrier, destroy_distributed, init_distributed  # noqa: E402
+from src.distributed import barrier, destroy_distributed, end_process, init_distributed  # noqa: E402
 from src.index import DistributedIndex, embed, embed_passages, load_index, save_index  # noqa: E402
 from src.passages import PassageStore  # noqa: E402
 
@@ -110,8 +110,10 @@ def main() -> None:
             check_searches(index, data["float"], world.rank, world.world_size)
             save_index(index, os.path.join(workdir, f"saved_w{world.world_size}"), n_shards=4)
         barrier()
-    finally:
+    except BaseException:
         destroy_distributed()
+        raise
+    end_process(0)  # as train.py / evaluate.py end: see its docstring
 
 
 if __name__ == "__main__":
