@@ -79,15 +79,21 @@ def retrieve_with_rows(
         with inference_autocast(index.cfg.precision, model.device):
             scores = model.rescore(query_emb, *retriever_passage_tokens(tokenizers, passages, cfg))  # (B, n), fresh
         order = scores.argsort(dim=1, descending=True, stable=True)  # (B, n)
-        scores, rows = scores.gather(1, order), rows.gather(1, order.to(rows.device))
-        passages = [[ps[j] for j in row] for ps, row in zip(passages, order.tolist())]
+        passages, scores, rows = _reordered(passages, scores, rows, order.tolist())
     if filter_by_id and examples:
-        orders = own_passage_last(examples, passages, k)
-        orders = [order + list(range(len(order), scores.shape[1])) for order in orders]  # the missing hits stay last
-        scores = torch.stack([line[order] for line, order in zip(scores, orders)]).reshape(scores.shape)
-        rows = torch.stack([line[order] for line, order in zip(rows, orders)]).reshape(rows.shape)
-        passages = [[ps[i] for i in order if i < len(ps)] for ps, order in zip(passages, orders)]
+        passages, scores, rows = _reordered(passages, scores, rows, own_passage_last(examples, passages, k))
     return [ps[:k] for ps in passages], scores[:, :k], rows[:, :k]
+
+
+def _reordered(
+    passages: list[list[dict]], scores: torch.Tensor, rows: torch.Tensor, orders: list[list[int]]
+) -> tuple[list[list[dict]], torch.Tensor, torch.Tensor]:
+    """Passages, scores (B, n) and rows (B, n) put in each example's new order of its passages; the slots of missing
+    hits (beyond an example's passages) stay last."""
+    full = [order + list(range(len(order), scores.shape[1])) for order in orders]  # (B, n)
+    index = torch.tensor(full, dtype=torch.long).reshape(scores.shape)
+    passages = [[ps[i] for i in order if i < len(ps)] for ps, order in zip(passages, orders)]
+    return passages, scores.gather(1, index.to(scores.device)), rows.gather(1, index.to(rows.device))
 
 
 def passages_for(

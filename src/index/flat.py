@@ -96,13 +96,17 @@ def blocks_topk(
     earlier n_i): the same (B, k) scores and rows as over their concatenation (the order is total)."""
     if len(blocks) == 1:
         return exact_topk(blocks[0], queries, k, row_offset)
+
+    def merged(candidates: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+        return sort_topk(torch.cat([s for s, _ in candidates], dim=1), torch.cat([r for _, r in candidates], dim=1), k)
+
     best: list[tuple[torch.Tensor, torch.Tensor]] = []
     for block in blocks:
         best.append(exact_topk(block, queries, k, row_offset))
         row_offset += len(block)
         if len(best) == MERGE_EVERY:
-            best = [sort_topk(torch.cat([s for s, _ in best], dim=1), torch.cat([r for _, r in best], dim=1), k)]
-    return sort_topk(torch.cat([s for s, _ in best], dim=1), torch.cat([r for _, r in best], dim=1), k)
+            best = [merged(best)]
+    return merged(best)
 
 
 def _padded_candidates(
